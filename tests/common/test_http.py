@@ -54,7 +54,7 @@ async def app(request: Request) -> Response | Upgrade:
     return Response.error(404, "Not Found")
 
 
-async def start(nursery: trio.Nursery, limits: HTTPLimits = HTTPLimits()) -> int:
+async def start(nursery: trio.Nursery) -> int:
     _host, port = await nursery.start(serve_http, app, "127.0.0.1", 0)
     return port
 
