@@ -2,6 +2,7 @@ import argparse
 import logging
 
 import pytest
+
 from dask_gateway_common.logs import LOG_FORMAT, redact, setup_logging
 from dask_gateway_common.settings import (
     Problems,

@@ -1,6 +1,9 @@
 import base64
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
 from dask_gateway_common.tokens import (
     check_token_header,
     decode_basic,
@@ -8,8 +11,6 @@ from dask_gateway_common.tokens import (
     parse_authorization,
     tokens_equal,
 )
-from hypothesis import assume, given
-from hypothesis import strategies as st
 
 
 @pytest.mark.parametrize(
