@@ -7,6 +7,9 @@ import json
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dask_gateway_common.routes import (
     Route,
     RouteError,
@@ -14,8 +17,6 @@ from dask_gateway_common.routes import (
     RouteTable,
     parse_host_port,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def test_wire_shapes_round_trip() -> None:
