@@ -5,6 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dask_gateway_web_proxy.routing import (
     Router,
     Target,
@@ -18,8 +21,6 @@ from dask_gateway_web_proxy.routing import (
     rewrite_response_headers,
     upstream_target,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 ROUTES = [
     ("/", "http://api:8000"),

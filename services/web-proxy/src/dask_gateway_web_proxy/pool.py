@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import trio
+
 from dask_gateway_common.http import HTTPConnection, open_http_connection
 
 from .routing import Target
