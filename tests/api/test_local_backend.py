@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import trio
+
 from dask_gateway_api.backends import BackendError, ClusterLaunch
 from dask_gateway_api.backends.local import (
     cmdline_matches,
@@ -20,6 +21,7 @@ from dask_gateway_api.backends.local import (
     open_local_backend,
     parse_proc_stat,
     process_environment,
+    resolve_program,
     same_process_alive,
     scheduler_command,
     worker_command,
@@ -126,6 +128,18 @@ def test_environment_gateway_vars_win_and_inherit_only_listed() -> None:
         process_environment(
             make_launch(), role="x", cert_path="", key_path="", token_path="", parent_env={}
         )
+
+
+def test_resolve_program_prefers_the_interpreters_bin_dir(tmp_path) -> None:
+    bin_dir = os.path.dirname(sys.executable)
+    assert resolve_program(["dask", "scheduler"], "") == [
+        os.path.join(bin_dir, "dask"),
+        "scheduler",
+    ]
+    assert resolve_program(["/abs/prog", "x"], "/usr/bin") == ["/abs/prog", "x"]
+    assert resolve_program(["no-such-program-xyz"], "/usr/bin") == ["no-such-program-xyz"]
+    assert resolve_program(["sh"], "/bin:/usr/bin")[0].endswith("/sh")
+    assert resolve_program([], None) == []
 
 
 def test_proc_parsing() -> None:

@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import trio
+
 from dask_gateway_common.tls import make_private_dir, write_private_file
 
 from .base import Backend, BackendError, ClusterLaunch, State
@@ -48,6 +49,7 @@ __all__ = [
     "default_worker_cmd",
     "open_local_backend",
     "process_environment",
+    "resolve_program",
     "scheduler_command",
     "worker_command",
 ]
@@ -77,6 +79,24 @@ def default_scheduler_cmd() -> tuple[str, ...]:
 def default_worker_cmd() -> tuple[str, ...]:
     """``dask worker`` of the running interpreter."""
     return (sys.executable, "-m", "distributed.cli.dask_worker")
+
+
+def resolve_program(argv: Sequence[str], path: str | None) -> list[str]:
+    """``argv`` with a bare program name (``dask``) resolved to an absolute path.
+
+    The running interpreter's own ``bin`` directory is searched first (a virtualenv's
+    ``dask`` works without activating it), then ``path``. Unresolvable names are kept as
+    they are, so the launch fails with a clear "cannot start" error.
+    """
+    argv = list(argv)
+    if not argv or os.sep in argv[0]:
+        return argv
+    own_bin = os.path.dirname(sys.executable)
+    search = os.pathsep.join(p for p in (own_bin, path or "") if p)
+    found = shutil.which(argv[0], path=search)
+    if found:
+        argv[0] = found
+    return argv
 
 
 def _fmt_number(value: float) -> str:
@@ -323,7 +343,7 @@ class LocalBackend(Backend):
             parent_env=self._parent_env,
         )
         workdir = self.cluster_dir(launch.name)
-        argv = scheduler_command(launch, self.host)
+        argv = resolve_program(scheduler_command(launch, self.host), env.get("PATH"))
         state = await self._spawn(argv, env, workdir, workdir / "logs" / "scheduler.log")
         state["workdir"] = str(workdir)
         log.info("cluster %s: scheduler started, pid %d", launch.name, state["pid"])
@@ -346,7 +366,10 @@ class LocalBackend(Backend):
             parent_env=self._parent_env,
         )
         workdir = self.cluster_dir(launch.name)
-        argv = worker_command(launch, launch.scheduler_address, worker_name, self.host)
+        argv = resolve_program(
+            worker_command(launch, launch.scheduler_address, worker_name, self.host),
+            env.get("PATH"),
+        )
         logs = workdir / "logs"
         make_private_dir(logs)
         state = await self._spawn(argv, env, workdir, logs / f"worker-{worker_name}.log")
