@@ -9,13 +9,19 @@ import stat
 import pytest
 from cryptography.fernet import Fernet
 
+from dask_gateway_api.models import Cluster, ClusterStatus, Worker, WorkerStatus
+from dask_gateway_api.resources import ClusterConfig
 from dask_gateway_api.store import (
     SCHEMA_VERSION,
     StoredCluster,
     StoredWorker,
     StoreError,
+    cluster_from_row,
+    cluster_to_row,
     open_store,
     parse_encrypt_keys,
+    worker_from_row,
+    worker_to_row,
 )
 
 TOKEN = "f" * 64
@@ -173,3 +179,47 @@ def test_corrupt_rows_are_store_errors() -> None:
     store._conn.execute("UPDATE clusters SET data = '{not json', token = X'00'")  # noqa: SLF001
     with pytest.raises(StoreError):
         store.get_cluster("c1")
+
+
+def test_model_codec_round_trip() -> None:
+    config = ClusterConfig(worker_cores=2, worker_memory=2**30, cluster_max_workers=4)
+    cluster = Cluster(
+        name="abc",
+        username="alice",
+        token=TOKEN,
+        status=ClusterStatus.RUNNING,
+        options={"size": "small"},
+        config=config,
+        cert_pem="CERT",
+        key_pem=KEY_PEM.decode(),
+        start_time_ms=5,
+        target=ClusterStatus.RUNNING,
+        scheduler_address="tls://127.0.0.1:1",
+        dashboard_address="http://127.0.0.1:2",
+        api_address="http://127.0.0.1:3",
+        count=3,
+        adaptive=True,
+        adapt_minimum=1,
+        adapt_maximum=None,
+        last_heartbeat=7,
+        worker_start_failures=1,
+        state={"pid": 42, "argv_tail": ["a"]},
+    )
+    store = open_store(":memory:", [Fernet.generate_key()])
+    store.put_cluster(cluster_to_row(cluster))
+    loaded = store.get_cluster("abc")
+    assert loaded is not None
+    assert cluster_from_row(loaded) == cluster
+
+    worker = Worker("w1", "abc", WorkerStatus.STOPPING, 8, None, True, True, {"pid": 9})
+    store.put_worker(worker_to_row(worker))
+    assert [worker_from_row(w) for w in store.load_workers("abc")] == [worker]
+
+    bad = cluster_to_row(cluster)
+    bad.status = "SLEEPING"
+    with pytest.raises(StoreError, match="unreadable"):
+        cluster_from_row(bad)
+    bad_worker = worker_to_row(worker)
+    bad_worker.status = "NAPPING"
+    with pytest.raises(StoreError, match="unknown status"):
+        worker_from_row(bad_worker)

@@ -36,6 +36,9 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from .models import Cluster, ClusterStatus, Worker, WorkerStatus
+from .resources import ClusterConfig
+
 __all__ = [
     "SCHEMA_VERSION",
     "FINISHED_STATUSES",
@@ -43,8 +46,12 @@ __all__ = [
     "StoreError",
     "StoredCluster",
     "StoredWorker",
+    "cluster_from_row",
+    "cluster_to_row",
     "open_store",
     "parse_encrypt_keys",
+    "worker_from_row",
+    "worker_to_row",
 ]
 
 SCHEMA_VERSION = 1
@@ -383,3 +390,99 @@ def open_store(path: str | Path, encrypt_keys: Sequence[bytes] = ()) -> Store:
         conn.close()
         raise
     return Store(conn, encrypt_keys)
+
+
+# ---------------------------------------------------------------- model codec
+
+_CLUSTER_DATA_FIELDS = (
+    "scheduler_address",
+    "dashboard_address",
+    "api_address",
+    "count",
+    "adaptive",
+    "adapt_minimum",
+    "adapt_maximum",
+    "last_heartbeat",
+    "worker_start_failures",
+    "state",
+    "failure_reason",
+)
+
+
+def cluster_to_row(cluster: Cluster) -> StoredCluster:
+    """A :class:`~dask_gateway_api.models.Cluster` as a store row."""
+    data: dict[str, Any] = {
+        "options": cluster.options,
+        "config": cluster.config.to_dict(),
+        "target": cluster.target.name,
+    }
+    data.update({f: getattr(cluster, f) for f in _CLUSTER_DATA_FIELDS})
+    return StoredCluster(
+        name=cluster.name,
+        username=cluster.username,
+        status=cluster.status.name,
+        start_time=cluster.start_time_ms,
+        stop_time=cluster.stop_time_ms,
+        token=cluster.token,
+        tls_cert=cluster.cert_pem.encode(),
+        tls_key=cluster.key_pem.encode(),
+        data=data,
+    )
+
+
+def cluster_from_row(row: StoredCluster) -> Cluster:
+    """Rebuild a cluster record; a row this code cannot read is a :class:`StoreError`."""
+    data = dict(row.data)
+    try:
+        status = ClusterStatus[row.status]
+        target = ClusterStatus[data.pop("target", "RUNNING")]
+        config = ClusterConfig.from_dict(data.pop("config", {}))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreError(f"cluster {row.name} has an unreadable record: {exc}") from None
+    extra = {f: data[f] for f in _CLUSTER_DATA_FIELDS if f in data}
+    return Cluster(
+        name=row.name,
+        username=row.username,
+        token=row.token,
+        status=status,
+        options=data.get("options") or {},
+        config=config,
+        cert_pem=row.tls_cert.decode(),
+        key_pem=row.tls_key.decode(),
+        start_time_ms=row.start_time,
+        stop_time_ms=row.stop_time,
+        target=target,
+        **extra,
+    )
+
+
+def worker_to_row(worker: Worker) -> StoredWorker:
+    return StoredWorker(
+        cluster=worker.cluster_name,
+        name=worker.name,
+        status=worker.status.name,
+        start_time=worker.start_time_ms,
+        stop_time=worker.stop_time_ms,
+        data={
+            "close_expected": worker.close_expected,
+            "launched": worker.launched,
+            "state": worker.state,
+        },
+    )
+
+
+def worker_from_row(row: StoredWorker) -> Worker:
+    try:
+        status = WorkerStatus[row.status]
+    except KeyError:
+        raise StoreError(f"worker {row.name} has an unknown status {row.status!r}") from None
+    return Worker(
+        name=row.name,
+        cluster_name=row.cluster,
+        status=status,
+        start_time_ms=row.start_time,
+        stop_time_ms=row.stop_time,
+        close_expected=bool(row.data.get("close_expected", False)),
+        launched=bool(row.data.get("launched", False)),
+        state=dict(row.data.get("state") or {}),
+    )
