@@ -26,7 +26,8 @@ YAML shape of one field (``options.fields`` is a list of these)::
     - field: worker_cores      # required; a Python identifier, unique
       type: integer            # string | bool | integer (int) | float | select | mapping
       label: Worker cores      # optional; defaults to the field name
-      default: 1               # optional; type default: "", false, 0, 0.0, first option, {}
+      default: 1               # optional; else "", false, 0 (moved into min..max), first
+                               # option, {}
       min: 1                   # integer / float only; optional, inclusive
       max: 4                   # integer / float only; optional, inclusive
       target: worker_cores     # optional; the override key; defaults to the field name
@@ -189,9 +190,8 @@ class _Number(Field):
     def _set_bounds(self, field: str, min: Any, max: Any, kind: Callable[[Any], bool]) -> None:
         for name, bound in (("min", min), ("max", max)):
             if bound is not None and not kind(bound):
-                raise OptionsConfigError(
-                    f"{field}: {name} must be a {self.type_name}, got {bound!r}"
-                )
+                what = "an integer" if self.type_name == "int" else "a finite number"
+                raise OptionsConfigError(f"{field}: {name} must be {what}, got {bound!r}")
         if min is not None and max is not None and min > max:
             raise OptionsConfigError(f"{field}: min ({min}) is greater than max ({max})")
         self.min = min
@@ -398,8 +398,16 @@ def field_from_config(config: AbcMapping[str, Any]) -> Field:
     if "default" in config:
         kwargs["default"] = config["default"]
     if cls in (Integer, Float):
-        kwargs["min"] = config.get("min")
-        kwargs["max"] = config.get("max")
+        lo, hi = config.get("min"), config.get("max")
+        kwargs["min"], kwargs["max"] = lo, hi
+        if "default" not in config:
+            # 0, moved into the bounds (so `min: 1` alone does not make an invalid default)
+            default = 0
+            if _is_number(lo) and default < lo:
+                default = lo
+            elif _is_number(hi) and default > hi:
+                default = hi
+            kwargs["default"] = default
     if cls is Select:
         if "options" not in config:
             raise OptionsConfigError(f"{name}: a select field needs 'options'")
