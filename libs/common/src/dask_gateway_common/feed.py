@@ -41,7 +41,7 @@ import trio
 
 from .errors import GatewayError
 from .http import Request, Response
-from .routes import Route, RouteEvent, RouteTable
+from .routes import EventType, Route, RouteEvent, RouteTable
 from .tokens import check_token_header
 
 __all__ = [
@@ -175,9 +175,9 @@ class RouteFeed:
             raise FeedGone()
         return [e for e in self._events if e.id > last_id]
 
-    def _append(self, type_: str, route: Route) -> RouteEvent:
+    def _append(self, type_: EventType, route: Route) -> RouteEvent:
         self._last_id += 1
-        event = RouteEvent(self._last_id, type_, route)  # type: ignore[arg-type]
+        event = RouteEvent(self._last_id, type_, route)
         if len(self._events) >= self.retention:
             del self._events[: max(1, self.retention // 2)]
         self._events.append(event)

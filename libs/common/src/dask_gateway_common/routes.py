@@ -28,6 +28,7 @@ import trio
 
 __all__ = [
     "KINDS",
+    "EventType",
     "Route",
     "RouteError",
     "RouteEvent",
