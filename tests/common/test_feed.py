@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dask_gateway_common.feed import (
     MAX_LINE_BYTES,
@@ -23,7 +25,7 @@ from dask_gateway_common.http import (
     open_http_connection,
     serve_http,
 )
-from dask_gateway_common.routes import Route, RouteEvent
+from dask_gateway_common.routes import Route, RouteEvent, RouteTable
 
 TOKEN = "s3cret-token"
 AUTH = [("Authorization", f"token {TOKEN}")]
@@ -299,3 +301,46 @@ async def test_slow_subscriber_stream_ends(nursery: trio.Nursery) -> None:
         # then the stream ends cleanly: the subscriber must resync
         assert ids in ([1, 2, 3], [1, 2, 3, 4])
         await conn.aclose()
+
+
+async def test_watch_from_unretained_id_raises_gone_before_subscribing() -> None:
+    feed = RouteFeed(first_id=1)
+    lines = feed.watch(5)
+    with pytest.raises(FeedGone):
+        await lines.__anext__()
+    assert feed.subscriber_count == 0
+
+
+_ops = st.lists(st.tuples(st.booleans(), st.sampled_from("abcde"), st.integers(1, 3)), max_size=60)
+
+
+@given(_ops, st.integers(0, 60), st.integers(1, 12))
+def test_snapshot_plus_events_reproduces_the_table(
+    ops: list[tuple[bool, str, int]], cut: int, retention: int
+) -> None:
+    """A proxy that listed at any point and then applied the events after the listed id
+    (when they are still retained) ends with exactly the server's table."""
+    feed = RouteFeed(retention=retention, first_id=1000)
+    snapshot = feed.snapshot()
+    for i, (is_put, name, port) in enumerate(ops):
+        if i == cut:
+            snapshot = feed.snapshot()
+        if is_put:
+            feed.put(sni(name, port))
+        else:
+            feed.delete("SNI", name)
+    listed_id = snapshot["id"]
+    assert isinstance(listed_id, int)
+    try:
+        events = feed.events_after(listed_id)
+    except FeedGone:
+        assert listed_id < feed.first_retained_id - 1  # only ever because it was dropped
+        return
+    table = RouteTable(Route.from_json(r) for r in snapshot["routes"])  # type: ignore[union-attr]
+    for event in events:
+        if event.type == "PUT":
+            table.put(event.route)
+        else:
+            table.delete(event.route.kind, event.route.key)
+    assert set(table.routes()) == set(feed.table.routes())
+    assert len(feed.events_after(feed.first_retained_id - 1)) <= retention
