@@ -310,18 +310,15 @@ def limit_adapt(
     limits: UserLimits,
     usage_excluding_this_cluster: Usage,
 ) -> tuple[int | None, int | None, str | None]:
-    """Apply the cluster limit, then the user budgets, to a (validated) adapt request.
-
-    The message names the last limit that reduced a bound and the original request.
-    """
-    lo, hi, msg = clamp_adapt(minimum, maximum, config.max_workers)
-    lo2, hi2, user_msg = clamp_adapt_to_user_limits(
-        limits, usage_excluding_this_cluster, config, lo, hi
-    )
-    if user_msg is None:
-        return lo2, hi2, msg
-    assert lo2 is not None and hi2 is not None
+    """Bound a (validated) adapt request by the tighter of the cluster limit and the
+    user's remaining budget; the message names that limit and the original request."""
+    cluster_limit = config.max_workers
     allowed, reason = _user_worker_allowance(limits, usage_excluding_this_cluster, config)
-    shown_max = maximum if maximum is not None else hi if hi is not None else allowed
-    shown_min = 0 if minimum is None else minimum
-    return lo2, hi2, _adapt_msg(shown_max, shown_min, reason, hi2, lo2)
+    if allowed is None or (cluster_limit is not None and cluster_limit <= allowed):
+        return clamp_adapt(minimum, maximum, cluster_limit)
+    lo, hi, msg = clamp_adapt(minimum, maximum, allowed)
+    if msg is None:
+        return lo, hi, None
+    assert lo is not None and hi is not None
+    shown_max = allowed if maximum is None else maximum
+    return lo, hi, _adapt_msg(shown_max, 0 if minimum is None else minimum, reason, hi, lo)
