@@ -7,8 +7,9 @@ dict (pids, paths, pod names...) that the manager persists with the cluster or w
 record. Every later call receives that state again, so a restarted API can re-adopt
 processes it did not start itself (:meth:`Backend.adopt`).
 
-Liveness is asked, not pushed: the manager's timer task calls :meth:`Backend.is_alive`
-periodically. Backends must make that call cheap.
+Liveness: the manager awaits :meth:`Backend.wait_exit` for every scheduler and pending
+worker, so a process that dies is noticed at once. The default implementation polls
+:meth:`Backend.is_alive`; backends that can wait for an exit directly override it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 __all__ = ["Backend", "BackendError", "ClusterLaunch", "State"]
 
@@ -85,6 +88,14 @@ class Backend(abc.ABC):
 
         Returns whether it is alive *and* still the same process (pid reuse is detected).
         """
+
+    async def wait_exit(self, state: State) -> None:
+        """Return once the process of ``state`` is gone (default: poll :meth:`is_alive`)."""
+        while self.is_alive(state):  # noqa: ASYNC110 - polling is the generic fallback
+            await trio.sleep(self.poll_interval)
+
+    #: Seconds between :meth:`is_alive` polls in the default :meth:`wait_exit`.
+    poll_interval: float = 5.0
 
     async def forget_cluster(self, cluster_name: str) -> None:  # noqa: B027 - optional hook
         """The cluster's record expired: remove whatever is left (logs, directories)."""

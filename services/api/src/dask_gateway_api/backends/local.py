@@ -54,7 +54,7 @@ __all__ = [
     "worker_command",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dask_gateway.api.local")
 
 #: Variables copied from the API's own environment into every process (spec §5.1).
 INHERITED_ENV = (
@@ -387,6 +387,15 @@ class LocalBackend(Backend):
 
     def adopt(self, state: State) -> bool:
         return self.is_alive(state)
+
+    async def wait_exit(self, state: State) -> None:
+        pid = state.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return
+        proc = self._children.get(pid)
+        if proc is None and not same_process_alive(state):
+            return
+        await self._wait_exit(pid, proc)
 
     # -- stopping
 
