@@ -1,0 +1,353 @@
+"""The web proxy's I/O shell: one HTTP handler that forwards each request upstream.
+
+Theory of operation
+-------------------
+``serve_web_proxy`` runs the shared h11 server (``dask_gateway_common.http.serve_http``)
+with :meth:`WebProxy.handle` as its handler, plus a sweeper for the upstream pool.
+
+Per request the handler:
+
+1. routes the path with the :class:`~.routing.Router` built from the table's PATH routes
+   (rebuilt only when ``table.version`` moves); no route → ``404 Not Found`` (text/plain);
+2. rewrites target and headers (pure functions in :mod:`.routing`);
+3. takes a keep-alive connection for the target's origin from :class:`~.pool.UpstreamPool`
+   (connect failure → 502);
+4. sends the request, streaming the client's body straight into the upstream connection,
+   and waits at most ``response_timeout`` for the response head (→ 504). A request without
+   a body that fails on a *reused* connection is retried once on a fresh one (the upstream
+   may have closed it between our liveness check and the request);
+5. returns a ``Response`` whose body is an async generator pulling the upstream body chunk
+   by chunk, so memory stays constant whatever the size; when it ends cleanly the
+   connection goes back to the pool, otherwise it is closed. If the upstream breaks off
+   mid-body the generator raises ``BrokenResourceError`` so the server aborts the client
+   connection instead of ending the (chunked) response as if it were complete;
+6. for an upgrade request answered ``101``, returns ``Upgrade``: the server sends the 101
+   and hands over the raw client stream; we first forward whatever bytes either side had
+   already buffered, then relay bytes both ways until both directions close.
+
+Errors sent to the client are short plain-text bodies; details go to the log (never with
+query strings or headers, which may carry secrets).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from dask_gateway_common.errors import GatewayError
+from dask_gateway_common.http import (
+    ClientResponse,
+    HTTPConnection,
+    HTTPLimits,
+    Request,
+    Response,
+    Upgrade,
+    serve_http,
+)
+from dask_gateway_common.metrics import ProxyMetrics
+from dask_gateway_common.relay import relay
+from dask_gateway_common.routes import RouteTable
+from dask_gateway_common.streams import PrefixedStream
+
+from .pool import Origin, UpstreamPool
+from .routing import (
+    ProxyRoute,
+    Router,
+    is_upgrade_request,
+    origin_form,
+    rewrite_request_headers,
+    rewrite_response_headers,
+    upstream_target,
+)
+
+__all__ = ["ProxyTimeouts", "WebProxy", "default_limits", "serve_web_proxy"]
+
+log = logging.getLogger("dask_gateway.web_proxy")
+
+_UPSTREAM_ERRORS = (
+    OSError,
+    ssl.SSLError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    h11.ProtocolError,
+)
+
+
+@dataclass(frozen=True)
+class ProxyTimeouts:
+    """Deadlines towards upstreams (seconds)."""
+
+    connect: float = 10.0
+    response: float = 60.0
+    # Longest silence allowed while streaming a response body from an upstream.
+    body_idle: float = 300.0
+
+
+def default_limits() -> HTTPLimits:
+    """Client-side limits of the public listener: headers bounded, bodies streamed."""
+    return HTTPLimits(
+        max_header_bytes=16 * 1024,
+        max_body_bytes=1024 * 1024,  # only bounds what is drained after an early response
+        header_timeout=10.0,
+        body_timeout=60.0,
+        keepalive_timeout=75.0,
+        send_timeout=60.0,
+    )
+
+
+def _text(status: int, message: str) -> Response:
+    return Response.text(status, message)
+
+
+def _has_body(request: Request) -> bool:
+    if request.headers.get("transfer-encoding") is not None:
+        return True
+    length = request.headers.get("content-length")
+    return length is not None and length.strip() not in ("", "0")
+
+
+class WebProxy:
+    """The proxy's request handler and its state (router cache, upstream pool)."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        *,
+        pool: UpstreamPool,
+        timeouts: ProxyTimeouts = ProxyTimeouts(),
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.table = table
+        self.pool = pool
+        self.timeouts = timeouts
+        self.metrics = metrics
+        self._router = Router()
+        self._router_version = -1
+
+    # -- routing ---------------------------------------------------------------------
+    @property
+    def router(self) -> Router:
+        """The trie for the table's current version (rebuilt only when it changed)."""
+        version = self.table.version
+        if version != self._router_version:
+            router = Router.from_routes(self.table.routes("PATH"))
+            for path, reason in router.rejected:
+                log.warning("Ignoring PATH route %s: %s", path, reason)
+            self._router, self._router_version = router, version
+        return self._router
+
+    # -- handler ---------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response | Upgrade:
+        """The ``serve_http`` handler."""
+        try:
+            response = await self._handle(request)
+        except GatewayError as exc:
+            self._count(exc.status)
+            raise
+        self._count(response.status)
+        return response
+
+    def _count(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.http_requests_total.labels(code=str(status)).inc()
+
+    def _count_bytes(self, direction: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bytes_total.labels(direction=direction).inc(count)
+
+    async def _counted_upload(self, request: Request) -> AsyncIterator[bytes]:
+        async for chunk in request.iter_body():
+            self._count_bytes("up", len(chunk))
+            yield chunk
+
+    async def _handle(self, request: Request) -> Response | Upgrade:
+        split = origin_form(request.target)
+        if split is None:
+            return _text(400, "Bad Request: unsupported request-target")
+        path, query = split
+        matched = self.router.match(path)
+        if matched is None:
+            return _text(404, "Not Found")
+        route, remainder = matched
+        upgrade = is_upgrade_request(request.headers.items())
+        headers = rewrite_request_headers(
+            request.headers.items(),
+            authority=route.target.authority,
+            client_ip=request.client[0] if request.client else None,
+            proto=request.scheme,
+            upgrade=upgrade,
+        )
+        target = upstream_target(route.target, remainder, query)
+        has_body = _has_body(request)
+        # A request without body can be retried once on a fresh connection.
+        for attempt in (1, 2):
+            try:
+                connection, reused = await self.pool.acquire(route.target)
+            except (OSError, ssl.SSLError, trio.TooSlowError) as exc:
+                log.info(
+                    "Upstream %s for %s unreachable: %s", route.target.authority, route.path, exc
+                )
+                return _text(502, "Bad Gateway")
+            try:
+                body = self._counted_upload(request) if has_body else b""
+                upstream = await connection.request(
+                    request.method,
+                    target,
+                    headers,
+                    body,
+                    response_timeout=self.timeouts.response,
+                )
+            except trio.TooSlowError:
+                await connection.aclose()
+                log.info("Upstream %s for %s timed out", route.target.authority, route.path)
+                return _text(504, "Gateway Timeout")
+            except GatewayError:
+                # the *client* failed while we streamed its body upstream
+                await connection.aclose()
+                raise
+            except _UPSTREAM_ERRORS as exc:
+                await connection.aclose()
+                if reused and not has_body and attempt == 1:
+                    continue
+                log.info("Upstream %s for %s failed: %s", route.target.authority, route.path, exc)
+                return _text(502, "Bad Gateway")
+            except BaseException:
+                await connection.aclose()
+                raise
+            return await self._respond(request, route, connection, upstream, upgrade)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _respond(
+        self,
+        request: Request,
+        route: ProxyRoute,
+        connection: HTTPConnection,
+        upstream: ClientResponse,
+        upgrade: bool,
+    ) -> Response | Upgrade:
+        if upstream.status == 101:
+            stream = upstream.upgraded_stream
+            if not upgrade or stream is None:
+                await connection.aclose()
+                log.info("Upstream %s sent an unrequested 101", route.target.authority)
+                return _text(502, "Bad Gateway")
+            return Upgrade(
+                headers=rewrite_response_headers(upstream.headers.items(), upgrade=True),
+                relay=_upgrade_relay(stream, upstream.trailing, self.metrics),
+            )
+        headers = rewrite_response_headers(upstream.headers.items())
+        origin = route.target.origin
+        if request.method == "HEAD" or upstream.status in (204, 304):
+            try:
+                with trio.fail_after(self.timeouts.response):
+                    await upstream.read(limit=0)
+            except (*_UPSTREAM_ERRORS, GatewayError, trio.TooSlowError):
+                await connection.aclose()
+            else:
+                await self.pool.release(origin, connection)
+            return Response(upstream.status, headers, b"")
+        return Response(
+            upstream.status,
+            headers,
+            self._stream_body(origin, connection, upstream, route),
+        )
+
+    async def _stream_body(
+        self,
+        origin: Origin,
+        connection: HTTPConnection,
+        upstream: ClientResponse,
+        route: ProxyRoute,
+    ) -> AsyncIterator[bytes]:
+        complete = False
+        try:
+            try:
+                async for chunk in upstream.iter_body(self.timeouts.body_idle):
+                    self._count_bytes("down", len(chunk))
+                    yield chunk
+                complete = True
+            except (*_UPSTREAM_ERRORS, trio.TooSlowError) as exc:
+                log.info(
+                    "Upstream %s for %s broke off the response: %s",
+                    route.target.authority,
+                    route.path,
+                    exc,
+                )
+                raise trio.BrokenResourceError("upstream broke off the response") from None
+        finally:
+            if complete:
+                await self.pool.release(origin, connection)
+            else:
+                with trio.CancelScope(shield=True):
+                    await connection.aclose()
+
+
+def _upgrade_relay(
+    upstream: trio.abc.Stream, upstream_buffered: bytes, metrics: ProxyMetrics | None
+) -> Callable[[trio.abc.Stream, bytes], Awaitable[None]]:
+    on_bytes = None
+    if metrics is not None:
+        counters = {d: metrics.bytes_total.labels(direction=d) for d in ("up", "down")}
+
+        def on_bytes(direction: str, count: int) -> None:
+            counters[direction].inc(count)
+
+    async def run(client: trio.abc.Stream, client_buffered: bytes) -> None:
+        # Bytes either side sent right behind its HTTP head are replayed first; the relay
+        # closes both streams when it returns.
+        try:
+            await relay(
+                PrefixedStream(client, client_buffered),
+                PrefixedStream(upstream, upstream_buffered),
+                on_bytes=on_bytes,
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(upstream)
+
+    return run
+
+
+async def serve_web_proxy(
+    table: RouteTable,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    timeouts: ProxyTimeouts = ProxyTimeouts(),
+    limits: HTTPLimits | None = None,
+    pool: UpstreamPool | None = None,
+    metrics: ProxyMetrics | None = None,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the proxy on ``host:port`` until cancelled; reports the bound ``(host, port)``.
+
+    ``table`` is read on every request (keep it updated with a ``RouteFeedClient``);
+    ``metrics`` (optional) counts answered requests by status and body/relay bytes.
+    """
+    own_pool = pool is None
+    if pool is None:
+        pool = UpstreamPool(connect_timeout=timeouts.connect)
+    proxy = WebProxy(table, pool=pool, timeouts=timeouts, metrics=metrics)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run_sweeper, 15.0)
+            bound = await nursery.start(
+                lambda task_status: serve_http(
+                    proxy.handle,
+                    host,
+                    port,
+                    limits=limits or default_limits(),
+                    ssl_context=ssl_context,
+                    task_status=task_status,
+                )
+            )
+            task_status.started(bound)
+    finally:
+        if own_pool:
+            await pool.aclose()

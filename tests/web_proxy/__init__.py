@@ -1,0 +1,1 @@
+"""Tests of the web proxy (services/web-proxy)."""
