@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,6 +216,19 @@ class Api:
                 await trio.sleep(0.005)
 
 
+class FakeClock:
+    """Wall-clock milliseconds that only move when a test says so."""
+
+    def __init__(self, start_ms: int = 1_800_000_000_000) -> None:
+        self.now = start_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1000)
+
+
 @asynccontextmanager
 async def open_api(
     config: ManagerConfig | None = None,
@@ -225,6 +238,7 @@ async def open_api(
     store_path: str = ":memory:",
     backend: FakeBackend | None = None,
     max_body: int = 1024 * 1024,
+    clock: Callable[[], int] | None = None,
 ) -> AsyncIterator[Api]:
     config = config or ManagerConfig(prefix=prefix, check_period=0.05)
     store = open_store(store_path)
@@ -233,7 +247,10 @@ async def open_api(
     preload = FakePreload()
     try:
         async with HTTPClient() as http, trio.open_nursery() as nursery:
-            manager = ClusterManager(config, store, backend, feed, http)
+            if clock is None:
+                manager = ClusterManager(config, store, backend, feed, http)
+            else:
+                manager = ClusterManager(config, store, backend, feed, http, clock=clock)
             auth = UserAuth(SimpleAuthenticator(password), CookieCache())
             app = ApiApp(
                 manager, auth, prefix=prefix, routes_handler=make_feed_handler(feed, PROXY_TOKEN)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -116,6 +117,8 @@ class ManagerConfig:
     check_period: float = 1.0
     #: Finished cluster records are deleted this many seconds after they stopped (0: never).
     record_max_age: float = 24 * 3600.0
+    #: How often expired records are looked for (seconds).
+    expiry_period: float = 60.0
     #: Stop (FAIL) every active cluster when the API shuts down.
     stop_clusters_on_shutdown: bool = False
     #: Key type of per-cluster credentials: "ec" (fast) or "rsa" (as upstream).
@@ -163,7 +166,7 @@ class ClusterManager:
         self._nursery: trio.Nursery | None = None
         self._api_url = ""
         self._api_ready = trio.Event()
-        self._last_expiry = 0.0
+        self._last_expiry = -math.inf
 
     # ------------------------------------------------------------------ queries
 
@@ -684,7 +687,7 @@ class ClusterManager:
             if cluster.is_active and self._clusters.get(cluster.name) is cluster:
                 self._check_cluster(cluster)
         now = time.monotonic()
-        if now - self._last_expiry >= max(60.0, self.config.check_period):
+        if now - self._last_expiry >= self.config.expiry_period:
             self._last_expiry = now
             await self._expire_records()
 
