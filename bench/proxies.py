@@ -112,6 +112,8 @@ class Bench:
         if not args.keep:
             stack.callback(shutil.rmtree, self.run_dir, True)
         self.token = new_token()
+        self.proxies: list[launch.ProxyProcess] = []
+        self.failures: list[str] = []
         self.mp = multiprocessing.get_context("fork")
         creds = make_creds(self.run_dir, BULK_CLUSTER)
         self.sni = {
@@ -174,6 +176,7 @@ class Bench:
     def _start(self, label, argv, probe) -> launch.ProxyProcess:
         proxy = launch.start_proxy(label, argv, self.token, self.run_dir, probe)
         self.stack.callback(proxy.stop)
+        self.proxies.append(proxy)
         return proxy
 
     def start_proxies(self) -> None:
@@ -240,60 +243,72 @@ class Bench:
         self.tls_targets.append(Target(label, (HOST, port), [pid], backend_pids=self.bulk_pids))
 
     # -- workloads -------------------------------------------------------------------------
-    def _reps(self, reps: int, targets: list[Target], run) -> dict[str, workloads.Measurement]:
-        """Run ``run(target)`` ``reps`` times per target, interleaved; median per metric."""
+    def _row(self, name: str, reps: int, targets: list[Target], run) -> Row:
+        """Run ``run(target)`` ``reps`` times per target, interleaved; median per metric.
+        A failing target is recorded in ``self.failures`` and left out of the row."""
+        self._log(name)
         runs: dict[str, list[workloads.Measurement]] = {t.label: [] for t in targets}
+        failed: set[str] = set()
         for _ in range(reps):
             for t in targets:
-                runs[t.label].append(run(t))
-        return {label: workloads.median_of(ms) for label, ms in runs.items()}
+                if t.label in failed:
+                    continue
+                try:
+                    runs[t.label].append(run(t))
+                except Exception as exc:
+                    failed.add(t.label)
+                    detail = str(exc).strip().splitlines()
+                    self.failures.append(
+                        f"{name} / {t.label}: {type(exc).__name__}: {detail[0] if detail else ''}"
+                        + self._proxy_note(t)
+                    )
+        return Row(
+            name,
+            {label: workloads.median_of(ms) for label, ms in runs.items() if label not in failed},
+        )
+
+    def _proxy_note(self, target: Target) -> str:
+        for proxy in self.proxies:
+            if proxy.pid in target.proxy_pids and proxy.proc.poll() is not None:
+                return (
+                    f"\n  {proxy.label} exited with status {proxy.proc.returncode}; log tail:\n"
+                    + proxy.log_tail()
+                )
+        return ""
 
     def _log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     def run_scheduler(self) -> list[Row]:
         p, ctx = self.plan, self.client_ctx
+        bulk_sni, echo_sni = self.sni[BULK_CLUSTER], self.sni[RTT_CLUSTER]
         rows = []
-        size = f"{p.bulk_bytes / GiB:g} GiB" if p.bulk_bytes >= GiB else f"{p.bulk_bytes >> 20} MiB"
         for upload in (True, False):
-            name = f"TLS bulk {'upload' if upload else 'download'} {size}"
-            self._log(name)
+            name = f"TLS bulk {'upload' if upload else 'download'} {_size(p.bulk_bytes)}"
             rows.append(
-                Row(
+                self._row(
                     name,
-                    self._reps(
-                        p.bulk_reps,
-                        self.tls_targets,
-                        lambda t, up=upload: workloads.bulk(
-                            t, ctx, self.sni[BULK_CLUSTER], p.bulk_bytes, up
-                        ),
-                    ),
+                    p.bulk_reps,
+                    self.tls_targets,
+                    lambda t, up=upload: workloads.bulk(t, ctx, bulk_sni, p.bulk_bytes, up),
                 )
             )
-        name = f"new mTLS connections x{p.handshakes}"
-        self._log(name)
         rows.append(
-            Row(
-                name,
-                self._reps(
-                    p.handshake_reps,
-                    self.tls_targets,
-                    lambda t: workloads.handshakes(t, ctx, self.sni[BULK_CLUSTER], p.handshakes),
-                ),
+            self._row(
+                f"new mTLS connections x{p.handshakes}",
+                p.handshake_reps,
+                self.tls_targets,
+                lambda t: workloads.handshakes(t, ctx, bulk_sni, p.handshakes),
             )
         )
         for conns in p.concurrency:
-            name = f"{conns} conns x 64 B round trips, {p.duration:g} s"
-            self._log(name)
             rows.append(
-                Row(
-                    name,
-                    self._reps(
-                        1,
-                        self.echo_targets,
-                        lambda t, c=conns: workloads.concurrent(
-                            t, ctx, self.sni[RTT_CLUSTER], c, p.duration, p.load_procs
-                        ),
+                self._row(
+                    f"{conns} conns x 64 B round trips, {p.duration:g} s",
+                    1,
+                    self.echo_targets,
+                    lambda t, c=conns: workloads.concurrent(
+                        t, ctx, echo_sni, c, p.duration, p.load_procs
                     ),
                 )
             )
@@ -301,45 +316,32 @@ class Bench:
 
     def run_web(self) -> list[Row]:
         p = self.plan
-        rows = []
 
         def path(t: Target, rest: str) -> str:
             return rest if t.label == "direct" else WEB_PREFIX + rest
 
-        name = f"HTTP small GETs, {p.web_conns} keep-alive conns, {p.duration:g} s"
-        self._log(name)
-        rows.append(
-            Row(
-                name,
-                self._reps(
-                    1,
-                    self.web_targets,
-                    lambda t: workloads.http_gets(
-                        t, path(t, "/small"), p.web_conns, p.duration, p.load_procs
-                    ),
+        return [
+            self._row(
+                f"HTTP small GETs, {p.web_conns} keep-alive conns, {p.duration:g} s",
+                1,
+                self.web_targets,
+                lambda t: workloads.http_gets(
+                    t, path(t, "/small"), p.web_conns, p.duration, p.load_procs
                 ),
-            )
-        )
-        size = (
-            f"{p.download_bytes / GiB:g} GiB"
-            if p.download_bytes >= GiB
-            else f"{p.download_bytes >> 20} MiB"
-        )
-        name = f"HTTP streamed download {size}"
-        self._log(name)
-        rows.append(
-            Row(
-                name,
-                self._reps(
-                    p.download_reps,
-                    self.web_targets,
-                    lambda t: workloads.http_download(
-                        t, path(t, f"/big?n={p.download_bytes}"), p.download_bytes
-                    ),
+            ),
+            self._row(
+                f"HTTP streamed download {_size(p.download_bytes)}",
+                p.download_reps,
+                self.web_targets,
+                lambda t: workloads.http_download(
+                    t, path(t, f"/big?n={p.download_bytes}"), p.download_bytes
                 ),
-            )
-        )
-        return rows
+            ),
+        ]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GiB:g} GiB" if nbytes >= GiB else f"{nbytes >> 20} MiB"
 
 
 def _stop_process(p: multiprocessing.process.BaseProcess) -> None:
@@ -380,9 +382,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\nWeb proxy (HTTP by path prefix; go = dask-gateway-proxy -address)\n")
         print(render(web_rows, labels))
     print(
-        "\nCPU% columns: percent of one core used by the load generator / backend / proxy "
-        f"during the measured window ({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%)."
+        "\nCPU% rows: percent of one core used during the measured window by the load "
+        "generator / backend / proxy / rest of the machine (other processes, softirqs); "
+        f"{os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%."
     )
+    rest = [m.busy["rest"] for row in sched_rows + web_rows for m in row.by_target.values()]
+    if rest and max(rest) > 30:
+        print(
+            f"\nwarning: the rest of the machine used up to {max(rest):.0f}% of a core during "
+            "some windows (other processes); throughput and latency ratios are unreliable, "
+            "CPU-per-request figures less so. Rerun on a quiet machine to conclude."
+        )
+    if bench.failures:
+        print("\nFAILED:", file=sys.stderr)
+        for failure in bench.failures:
+            print(f"  {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

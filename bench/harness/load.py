@@ -18,6 +18,7 @@ import traceback
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from queue import Empty
 
 CHUNK = 256 * 1024
 _ZEROS = bytes(CHUNK)
@@ -79,7 +80,10 @@ def run_children(
                 raise TimeoutError("load generator did not get ready in time")
         on_go()
         go.set()
-        results = [queue.get(timeout=max(0.1, deadline - time.monotonic())) for _ in procs]
+        try:
+            results = [queue.get(timeout=max(0.1, deadline - time.monotonic())) for _ in procs]
+        except Empty:
+            raise TimeoutError(f"load generator did not finish within {timeout:g} s") from None
         on_done()
     finally:
         for p in procs:

@@ -102,25 +102,39 @@ class RssSampler:
             self._sample()
 
 
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already included in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
 class CpuWindow:
-    """CPU seconds used by groups of process trees between ``start()`` and ``stop()``."""
+    """CPU seconds used by groups of process trees between ``start()`` and ``stop()``,
+    plus the whole machine's busy CPU seconds (``machine``) over the same window."""
 
     def __init__(self, groups: dict[str, Sequence[int]]) -> None:
         self.groups = {name: list(roots) for name, roots in groups.items()}
         self._start: dict[str, float] = {}
         self._t0 = 0.0
         self.used: dict[str, float] = {}
+        self.machine = 0.0
+        self._machine0 = 0.0
         self.wall = 0.0
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._start = {name: tree_cpu(roots) for name, roots in self.groups.items()}
+        self._machine0 = machine_busy_seconds()[0]
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self._t0
         self.used = {
             name: tree_cpu(roots) - self._start[name] for name, roots in self.groups.items()
         }
+        self.machine = machine_busy_seconds()[0] - self._machine0
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

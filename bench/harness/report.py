@@ -57,12 +57,14 @@ def render(rows: list[Row], targets: list[str], ours: str = "ours", go: str = "g
             lines.append(cells)
             first = False
         busy = [
-            "/".join(f"{row.by_target[t].busy[k]:.0f}" for k in ("load", "backend", "proxy"))
+            "/".join(
+                f"{row.by_target[t].busy[k]:.0f}" for k in ("load", "backend", "proxy", "rest")
+            )
             if t in row.by_target
             else "-"
             for t in targets
         ]
-        lines.append(["", "CPU% load/backend/proxy", *busy, *[""] * len(ratio_cols)])
+        lines.append(["", "CPU% load/backend/proxy/rest", *busy, *[""] * len(ratio_cols)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for i, line in enumerate(lines):

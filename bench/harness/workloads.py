@@ -53,11 +53,14 @@ def _measure(
 
 def _busy(window: CpuWindow, results: list[load.ChildResult]) -> dict[str, float]:
     wall = max(window.wall, 1e-9)
-    return {
+    busy = {
         "load": 100 * sum(r.cpu for r in results) / wall,
         "backend": 100 * window.used["backend"] / wall,
         "proxy": 100 * window.used["proxy"] / wall if window.groups["proxy"] else 0.0,
     }
+    # Everything else the machine did meanwhile: other processes, interrupts, softirqs.
+    busy["rest"] = max(0.0, 100 * window.machine / wall - sum(busy.values()))
+    return busy
 
 
 def _proxy_value(target: Target, value: float) -> float | None:
