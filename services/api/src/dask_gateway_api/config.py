@@ -454,6 +454,11 @@ def _top(v: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         out["prefix"] = _prefix(v["prefix"], problems)
     if v.get("api_url") is not None:
         out["api_url"] = _url(v["api_url"], "api_url", problems)
+        if not out["api_url"].endswith("/api"):
+            problems.append(
+                f"api_url: must end in '/api' (schedulers append /v1/clusters/...), "
+                f"got {v['api_url']!r}"
+            )
     elif "public_url" in out and "prefix" in out:
         out["api_url"] = f"{out['public_url']}{out['prefix']}/api"
     token = v.get("proxy_token")
@@ -602,7 +607,10 @@ def _options(
         try:
             fields.append(field_from_config(decl))
         except OptionsConfigError as exc:
-            problems.append(f"{where}: {exc}")
+            message = str(exc)
+            if isinstance(name, str) and message.startswith(f"{name}: "):
+                message = message[len(name) + 2 :]  # the field is already named in `where`
+            problems.append(f"{where}: {message}")
             ok = False
     groups_value = v.get("groups")
     groups: dict[str, tuple[str, ...]] | None = None
