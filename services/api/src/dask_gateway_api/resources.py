@@ -38,6 +38,7 @@ __all__ = [
     "check_cluster_config",
     "format_cores",
     "format_memory",
+    "merge_overrides",
     "parse_memory",
     "resolve_cluster_config",
 ]
