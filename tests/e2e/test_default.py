@@ -27,7 +27,7 @@ from dask_gateway import (
 )
 from dask_gateway.client import ClusterStatus
 
-from .conftest import (
+from tests.e2e.harness import (
     START_TIMEOUT,
     WORKER_TIMEOUT,
     CountingBasicAuth,
