@@ -425,7 +425,7 @@ class LocalBackend(Backend):
             fd = -1
         if fd < 0:
             # No pidfd (old kernel): a non-child's exit can only be polled.
-            while _pid_exists(pid):  # noqa: ASYNC110
+            while _pid_exists(pid) and not _reap_if_child(pid):  # noqa: ASYNC110
                 await trio.sleep(0.05)
             return
         try:
@@ -433,6 +433,7 @@ class LocalBackend(Backend):
         finally:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+        _reap_if_child(pid)
 
     async def stop_worker(self, cluster_name: str, worker_name: str, state: State) -> None:
         await self._terminate(state)
@@ -460,6 +461,16 @@ def _pid_exists(pid: int) -> bool:
     except PermissionError:
         return False
     return True
+
+
+def _reap_if_child(pid: int) -> bool:
+    """Reap ``pid`` if it is an exited child of ours that no ``trio.Process`` owns any more
+    (an earlier backend in this same process started it); True if it was reaped."""
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return reaped == pid
 
 
 def _signal_group(pid: int, sig: int) -> None:
