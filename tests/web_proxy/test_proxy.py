@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from contextlib import aclosing
 from functools import partial
 from pathlib import Path
 
@@ -383,3 +384,99 @@ async def test_request_metrics_by_code() -> None:
         await get(env.port, "/nowhere")
         counter = env.metrics.http_requests_total
         assert counter.labels(code="404")._value.get() == 2
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise trio.BrokenResourceError("closed")
+        buf += chunk
+    return buf
+
+
+async def _serve_then_drop(listener: trio.SocketListener) -> None:
+    """First connection: answer one request, then close on the next one without answering
+    (as an upstream whose keep-alive timer fires just as our request arrives). Later
+    connections: answer every request."""
+    first = await listener.accept()
+    await _read_head(first)
+    await first.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await _read_head(first)
+    await first.aclose()
+    while True:
+        stream = await listener.accept()
+        try:
+            await _read_head(stream)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        finally:
+            await stream.aclose()
+
+
+async def test_request_without_body_is_retried_once_when_a_pooled_connection_died() -> None:
+    async with open_proxy() as env:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        env.nursery.start_soon(_serve_then_drop, listener)
+        await env.route("/clusters/r", f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+        assert (await get(env.port, "/clusters/r/1"))[2] == b"ok"
+        status, _, body = await get(env.port, "/clusters/r/2")
+        assert (status, body) == (200, b"fresh")
+        assert env.pool.connections_opened == 2
+    await listener.aclose()
+
+
+async def test_request_with_body_is_not_retried() -> None:
+    async with open_proxy() as env:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        env.nursery.start_soon(_serve_then_drop, listener)
+        await env.route("/clusters/r", f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+        assert (await get(env.port, "/clusters/r/1"))[2] == b"ok"
+        status, _, body = await get(env.port, "/clusters/r/2", method="POST", body=b"data")
+        assert (status, body) == (502, b"Bad Gateway")
+        assert env.pool.connections_opened == 1
+    await listener.aclose()
+
+
+async def test_client_going_away_mid_download_closes_the_upstream() -> None:
+    stopped = trio.Event()
+
+    async def endless(request: Request) -> Response:
+        async def body():  # noqa: ANN202
+            try:
+                while True:
+                    yield CHUNK
+            finally:
+                stopped.set()
+
+        return Response(200, [], body())
+
+    async with open_proxy() as env:
+        port = await start_backend(env.nursery, endless)
+        await env.route("/clusters/e", f"http://127.0.0.1:{port}")
+        with trio.fail_after(10):
+            conn = await open_http_connection("127.0.0.1", env.port)
+            resp = await conn.request("GET", "/clusters/e/x", [], b"")
+            async with aclosing(resp.iter_body()) as chunks:
+                async for _ in chunks:
+                    break
+            await conn.aclose()
+            await stopped.wait()  # the backend saw the proxy hang up
+        assert env.pool.idle_count == 0
+
+
+async def test_transfer_encoding_wins_over_content_length() -> None:
+    async with open_proxy() as env:
+        seen = Seen()
+        port = await start_backend(env.nursery, recording_handler(seen))
+        await env.route("/clusters/te", f"http://127.0.0.1:{port}")
+        data = await raw_exchange(
+            env.port,
+            b"POST /clusters/te/x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+            b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert seen.requests[0]["body_len"] == 5
+        assert "content-length" not in header_map(seen.requests[0]) or header_map(seen.requests[0])[
+            "content-length"
+        ] == ["5"]

@@ -208,6 +208,17 @@ def test_request_header_rewrite() -> None:
     assert d["cookie"] == "a=1"
 
 
+def test_content_length_dropped_when_transfer_encoding_frames_the_message() -> None:
+    headers = [("Transfer-Encoding", "chunked"), ("Content-Length", "5"), ("X-A", "1")]
+    out = rewrite_request_headers(headers, authority="h:1", client_ip=None, proto="http")
+    assert [k for k, _ in out] == ["Host", "X-A", "X-Forwarded-Proto"]
+    assert rewrite_response_headers(headers) == [("X-A", "1")]
+    kept = rewrite_request_headers(
+        [("Content-Length", "5")], authority="h:1", client_ip=None, proto="http"
+    )
+    assert ("Content-Length", "5") in kept
+
+
 def test_request_header_rewrite_multiple_xff_and_no_client() -> None:
     headers = [("X-Forwarded-For", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2, 3.3.3.3")]
     out = dict(rewrite_request_headers(headers, authority="h:1", client_ip=None, proto="http"))
@@ -254,7 +265,6 @@ def test_response_header_rewrite() -> None:
         ("Content-Length", "12"),
         ("Connection", "close, X-Hop"),
         ("X-Hop", "1"),
-        ("Transfer-Encoding", "chunked"),
         ("Keep-Alive", "timeout=5"),
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import h11
@@ -160,10 +161,11 @@ class WebProxy:
         if self.metrics is not None:
             self.metrics.bytes_total.labels(direction=direction).inc(count)
 
-    async def _counted_upload(self, request: Request) -> AsyncIterator[bytes]:
-        async for chunk in request.iter_body():
-            self._count_bytes("up", len(chunk))
-            yield chunk
+    async def _counted_upload(self, request: Request) -> AsyncGenerator[bytes, None]:
+        async with aclosing(request.iter_body()) as chunks:
+            async for chunk in chunks:
+                self._count_bytes("up", len(chunk))
+                yield chunk
 
     async def _handle(self, request: Request) -> Response | Upgrade:
         split = origin_form(request.target)
@@ -193,13 +195,13 @@ class WebProxy:
                     "Upstream %s for %s unreachable: %s", route.target.authority, route.path, exc
                 )
                 return _text(502, "Bad Gateway")
+            upload = self._counted_upload(request) if has_body else None
             try:
-                body = self._counted_upload(request) if has_body else b""
                 upstream = await connection.request(
                     request.method,
                     target,
                     headers,
-                    body,
+                    b"" if upload is None else upload,
                     response_timeout=self.timeouts.response,
                 )
             except trio.TooSlowError:
@@ -219,6 +221,9 @@ class WebProxy:
             except BaseException:
                 await connection.aclose()
                 raise
+            finally:
+                if upload is not None:
+                    await upload.aclose()
             return await self._respond(request, route, connection, upstream, upgrade)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -267,9 +272,10 @@ class WebProxy:
         complete = False
         try:
             try:
-                async for chunk in upstream.iter_body(self.timeouts.body_idle):
-                    self._count_bytes("down", len(chunk))
-                    yield chunk
+                async with aclosing(upstream.iter_body(self.timeouts.body_idle)) as chunks:
+                    async for chunk in chunks:
+                        self._count_bytes("down", len(chunk))
+                        yield chunk
                 complete = True
             except (*_UPSTREAM_ERRORS, trio.TooSlowError) as exc:
                 log.info(

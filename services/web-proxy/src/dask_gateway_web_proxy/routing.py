@@ -22,7 +22,8 @@ target's own query string goes in front of the request's query.
 :func:`rewrite_request_headers` / :func:`rewrite_response_headers` implement the usual
 reverse-proxy header rules: hop-by-hop headers are dropped (``Connection``, ``Keep-Alive``,
 ``Proxy-*``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade`` and every header named
-in ``Connection``), except that a websocket upgrade keeps ``Upgrade`` and
+in ``Connection``; ``Content-Length`` too when ``Transfer-Encoding`` frames the message),
+except that a websocket upgrade keeps ``Upgrade`` and
 ``Connection: Upgrade``; ``Host`` becomes the target's ``host:port``; ``X-Forwarded-For``
 gets the client address appended; ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are set.
 """
@@ -280,6 +281,10 @@ def is_upgrade_request(headers: Sequence[tuple[str, str]]) -> bool:
 
 def _strip_hop_by_hop(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     named = connection_tokens(headers)
+    # A message with Transfer-Encoding is framed by it; a Content-Length beside it is
+    # meaningless and, forwarded alone, would misframe the body (request smuggling).
+    if any(k.lower() == "transfer-encoding" for k, _ in headers):
+        named.add("content-length")
     return [(k, v) for k, v in headers if not is_hop_by_hop(k) and k.lower() not in named]
 
 
