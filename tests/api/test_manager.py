@@ -320,3 +320,18 @@ async def test_create_request_latency() -> None:
             p50 = statistics.median(durations)
             print(f"create request p50 = {p50 * 1000:.2f} ms")
             assert p50 <= 0.020
+
+
+async def test_a_bug_in_one_background_task_does_not_stop_the_api(caplog) -> None:  # type: ignore[no-untyped-def]
+    class Buggy(FakeBackend):
+        async def stop_cluster(self, cluster_name, scheduler_state, worker_states):  # type: ignore[no-untyped-def]
+            raise RuntimeError("bug in a backend")
+
+    with trio.fail_after(DEADLINE):
+        async with open_api(backend=Buggy()) as api:
+            name = await api.running_cluster()
+            await api.manager.stop(name)
+            await api.until(lambda: "bug in a backend" in caplog.text)
+            assert status(api, name) == "STOPPING"
+            other = await api.running_cluster()
+            assert status(api, other) == "RUNNING"

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,9 +241,18 @@ class ClusterManager:
             scheduler_address=cluster.scheduler_address,
         )
 
-    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a background task. A bug in one cluster's task is logged with its traceback
+        and must not take the whole control plane down with it."""
         assert self._nursery is not None, "ClusterManager.run() is not running"
-        self._nursery.start_soon(fn, *args)
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("Unexpected error in %s%r", fn.__name__, args)
+
+        self._nursery.start_soon(guarded, name=fn.__name__)
 
     # ------------------------------------------------------------------ routes
 
@@ -290,6 +299,9 @@ class ClusterManager:
             cert, key = await trio.to_thread.run_sync(
                 lambda: generate_cluster_credentials(name, key_type=self.config.key_type)
             )
+            # Other requests ran meanwhile: check the user's limits again, atomically
+            # with recording the cluster (no await between the check and the insert).
+            check_new_cluster(self.config.user_limits, self._usage(user.name), config)
         cluster = Cluster(
             name=name,
             username=user.name,
