@@ -332,7 +332,11 @@ class LocalBackend(Backend):
         log.info("process %d exited with status %s", proc.pid, code)
 
     async def start_scheduler(self, launch: ClusterLaunch) -> State:
-        self._write_credentials(launch)
+        # Three fsynced files: off the event loop, so API requests never wait on the disk.
+        try:
+            await trio.to_thread.run_sync(self._write_credentials, launch)
+        except OSError as exc:
+            raise BackendError(f"cannot write the cluster's credentials: {exc}") from exc
         cert, key, token = self._certs(launch.name)
         env = process_environment(
             launch,
@@ -355,8 +359,11 @@ class LocalBackend(Backend):
         if not launch.scheduler_address:
             raise BackendError(f"cluster {launch.name} has no scheduler address yet")
         cert, key, token = self._certs(launch.name)
-        if not cert.exists():
-            self._write_credentials(launch)
+        if not cert.exists():  # e.g. removed by hand; workers need them
+            try:
+                await trio.to_thread.run_sync(self._write_credentials, launch)
+            except OSError as exc:
+                raise BackendError(f"cannot write the cluster's credentials: {exc}") from exc
         env = process_environment(
             launch,
             role="worker",
