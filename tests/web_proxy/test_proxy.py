@@ -480,3 +480,45 @@ async def test_transfer_encoding_wins_over_content_length() -> None:
         assert "content-length" not in header_map(seen.requests[0]) or header_map(seen.requests[0])[
             "content-length"
         ] == ["5"]
+
+
+async def test_upstream_that_stops_reading_an_upload_is_504() -> None:
+    timeouts = ProxyTimeouts(connect=5, response=5, body_idle=5, upload_idle=0.5)
+    async with open_proxy(timeouts=timeouts) as env:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        held: list[trio.SocketStream] = []
+
+        async def read_head_then_stall() -> None:
+            stream = await listener.accept()
+            held.append(stream)
+            await _read_head(stream)
+            await trio.sleep_forever()
+
+        env.nursery.start_soon(read_head_then_stall)
+        await env.route("/clusters/stall", f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+        size = 64 * 1024 * 1024
+        with trio.fail_after(10):
+            client = await trio.open_tcp_stream("127.0.0.1", env.port)
+
+            async def send_body() -> None:
+                try:
+                    await client.send_all(
+                        b"POST /clusters/stall/up HTTP/1.1\r\nHost: p\r\n"
+                        + f"Content-Length: {size}\r\n\r\n".encode()
+                    )
+                    for _ in range(size // len(CHUNK)):
+                        await client.send_all(CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_body)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await client.receive_some(65536)
+                nursery.cancel_scope.cancel()
+            await client.aclose()
+        assert head.startswith(b"HTTP/1.1 504 ")
+        for stream in held:
+            await stream.aclose()
+    await listener.aclose()

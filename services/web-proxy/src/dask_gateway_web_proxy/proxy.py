@@ -32,6 +32,7 @@ query strings or headers, which may carry secrets).
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -87,6 +88,9 @@ class ProxyTimeouts:
     response: float = 60.0
     # Longest silence allowed while streaming a response body from an upstream.
     body_idle: float = 300.0
+    # Longest time one request-body chunk may take (read from the client + written
+    # upstream); bounds an upstream that stops reading an upload.
+    upload_idle: float = 120.0
 
 
 def default_limits() -> HTTPLimits:
@@ -161,11 +165,15 @@ class WebProxy:
         if self.metrics is not None:
             self.metrics.bytes_total.labels(direction=direction).inc(count)
 
-    async def _counted_upload(self, request: Request) -> AsyncGenerator[bytes, None]:
+    async def _counted_upload(
+        self, request: Request, deadline: trio.CancelScope
+    ) -> AsyncGenerator[bytes, None]:
         async with aclosing(request.iter_body()) as chunks:
             async for chunk in chunks:
                 self._count_bytes("up", len(chunk))
                 yield chunk
+                deadline.deadline = trio.current_time() + self.timeouts.upload_idle
+        deadline.deadline = math.inf
 
     async def _handle(self, request: Request) -> Response | Upgrade:
         split = origin_form(request.target)
@@ -195,35 +203,50 @@ class WebProxy:
                     "Upstream %s for %s unreachable: %s", route.target.authority, route.path, exc
                 )
                 return _text(502, "Bad Gateway")
-            upload = self._counted_upload(request) if has_body else None
-            try:
-                upstream = await connection.request(
-                    request.method,
-                    target,
-                    headers,
-                    b"" if upload is None else upload,
-                    response_timeout=self.timeouts.response,
+            with trio.CancelScope() as sending:
+                # Pushed forward by every upload chunk, lifted once the body is sent (the
+                # response head then has its own deadline inside ``request``).
+                sending.deadline = trio.current_time() + self.timeouts.upload_idle
+                if not has_body:
+                    sending.deadline += self.timeouts.response
+                upload = self._counted_upload(request, sending) if has_body else None
+                try:
+                    upstream = await connection.request(
+                        request.method,
+                        target,
+                        headers,
+                        b"" if upload is None else upload,
+                        response_timeout=self.timeouts.response,
+                    )
+                except trio.TooSlowError:
+                    await connection.aclose()
+                    log.info("Upstream %s for %s timed out", route.target.authority, route.path)
+                    return _text(504, "Gateway Timeout")
+                except GatewayError:
+                    # the *client* failed while we streamed its body upstream
+                    await connection.aclose()
+                    raise
+                except _UPSTREAM_ERRORS as exc:
+                    await connection.aclose()
+                    if reused and not has_body and attempt == 1:
+                        continue
+                    log.info(
+                        "Upstream %s for %s failed: %s", route.target.authority, route.path, exc
+                    )
+                    return _text(502, "Bad Gateway")
+                except BaseException:
+                    await connection.aclose()
+                    raise
+                finally:
+                    if upload is not None:
+                        await upload.aclose()
+            if sending.cancelled_caught:
+                log.info(
+                    "Upstream %s for %s stopped reading the request",
+                    route.target.authority,
+                    route.path,
                 )
-            except trio.TooSlowError:
-                await connection.aclose()
-                log.info("Upstream %s for %s timed out", route.target.authority, route.path)
                 return _text(504, "Gateway Timeout")
-            except GatewayError:
-                # the *client* failed while we streamed its body upstream
-                await connection.aclose()
-                raise
-            except _UPSTREAM_ERRORS as exc:
-                await connection.aclose()
-                if reused and not has_body and attempt == 1:
-                    continue
-                log.info("Upstream %s for %s failed: %s", route.target.authority, route.path, exc)
-                return _text(502, "Bad Gateway")
-            except BaseException:
-                await connection.aclose()
-                raise
-            finally:
-                if upload is not None:
-                    await upload.aclose()
             return await self._respond(request, route, connection, upstream, upgrade)
         raise AssertionError("unreachable")  # pragma: no cover
 
