@@ -109,6 +109,11 @@ def _text(status: int, message: str) -> Response:
     return Response.text(status, message)
 
 
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover  (makes this an async generator)
+
+
 def _has_body(request: Request) -> bool:
     if request.headers.get("transfer-encoding") is not None:
         return True
@@ -278,7 +283,9 @@ class WebProxy:
                 await connection.aclose()
             else:
                 await self.pool.release(origin, connection)
-            return Response(upstream.status, headers, b"")
+            # An (empty) iterable body: with bytes, serve_http would announce
+            # "Content-Length: 0" for HEAD, misreporting the resource's size.
+            return Response(upstream.status, headers, _no_body())
         return Response(
             upstream.status,
             headers,
