@@ -227,7 +227,7 @@ def send_oversized(
         except (BrokenPipeError, ConnectionResetError):
             pass
         deadline = time.monotonic() + timeout
-        with contextlib.suppress(ConnectionResetError):
+        try:
             while time.monotonic() < deadline:
                 data = sock.recv(65536)
                 if not data:
@@ -235,20 +235,45 @@ def send_oversized(
                 buf += data
                 if b"\r\n\r\n" in buf and _complete(buf):
                     break
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            raise AssertionError(
+                f"no complete response within {timeout} s after sending {sent} of "
+                f"{body_size} body bytes (got {buf[:200]!r})"
+            ) from None
     return parse_response(buf)
+
+
+def _head_value(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
 
 
 def _complete(buf: bytes) -> bool:
     head, _, rest = buf.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"content-length":
-            return len(rest) >= int(value.strip())
-    return False
+    if (_head_value(head, b"transfer-encoding") or b"").lower() == b"chunked":
+        return rest.endswith(b"0\r\n\r\n")
+    length = _head_value(head, b"content-length")
+    return length is not None and len(rest) >= int(length)
+
+
+def _dechunk(data: bytes) -> bytes:
+    body = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body, data = body + data[:size], data[size + 2 :]
+    return body
 
 
 def parse_response(buf: bytes) -> RawResponse:
-    """Parse a raw HTTP/1.1 response with a Content-Length body (test helper)."""
+    """Parse a raw HTTP/1.1 response (Content-Length or chunked body; test helper)."""
     assert buf, "no response at all (connection closed without an answer)"
     head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -257,6 +282,8 @@ def parse_response(buf: bytes) -> RawResponse:
     for line in lines[1:]:
         key, _, value = line.partition(":")
         headers.append((key.strip(), value.strip()))
+    if (_head_value(head, b"transfer-encoding") or b"").lower() == b"chunked":
+        rest = _dechunk(rest)
     return RawResponse(int(status), reason[0] if reason else "", headers, rest)
 
 
