@@ -8,6 +8,8 @@ deadline passes, :class:`ProxyStartError` carries the command and the log's tail
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import signal
@@ -109,9 +111,28 @@ def scripts_dir() -> str:
     return os.path.dirname(sys.executable)
 
 
+def _installed_go_proxy() -> str | None:
+    """The binary of an installed ``dask-gateway-server`` of the pinned version, if any
+    (``make bench`` installs requirements/bench.txt)."""
+    try:
+        if importlib.metadata.version("dask-gateway-server") != GO_VERSION:
+            return None
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    spec = importlib.util.find_spec("dask_gateway_server")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = os.path.join(list(spec.submodule_search_locations)[0], "proxy", "dask-gateway-proxy")
+    return binary if os.access(binary, os.X_OK) else None
+
+
 def fetch_go_proxy(cache_dir: str) -> str:
-    """Path of upstream's Go proxy binary, extracted from the ``dask-gateway-server`` wheel
-    (downloaded with ``pip download`` into ``cache_dir`` when missing)."""
+    """Path of upstream's Go proxy binary: from an installed ``dask-gateway-server`` of the
+    pinned version, else extracted from its wheel (fetched with ``pip download`` into
+    ``cache_dir`` when missing)."""
+    installed = _installed_go_proxy()
+    if installed is not None:
+        return installed
     os.makedirs(cache_dir, exist_ok=True)
     binary = os.path.join(cache_dir, f"dask-gateway-proxy-{GO_VERSION}")
     if os.access(binary, os.X_OK):
