@@ -6,6 +6,7 @@ Layout of every test: ``x <-> a  [relay a <-> b]  b <-> y``; x and y are the two
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
@@ -18,11 +19,12 @@ import pytest
 import trio
 import trio.testing
 
-from dask_gateway_common.relay import SPLICE_AVAILABLE, relay, relay_sockets
+from dask_gateway_common.relay import ENGINE_AVAILABLE, SPLICE_AVAILABLE, relay, relay_sockets
 from dask_gateway_common.streams import PrefixedStream
 
 DEADLINE = 20
-SOCKET_KINDS = ["copy", "auto", "splice", "streams"]
+# engine (Linux default) and trio-task implementations, in each splice mode
+SOCKET_KINDS = ["copy", "auto", "splice", "trio-copy", "trio-auto", "trio-splice", "streams"]
 ALL_KINDS = ["memory", *SOCKET_KINDS]
 
 
@@ -53,12 +55,18 @@ async def make_setup(
     if kind == "streams":
         a_stream = PrefixedStream(a, prefix) if prefix else a
         return x, y, lambda: relay(a_stream, b, on_bytes=on_bytes)
-    splice = {"copy": False, "auto": None, "splice": True}[kind]
+    engine = not kind.startswith("trio-")
+    splice = {"copy": False, "auto": None, "splice": True}[kind.removeprefix("trio-")]
     return (
         x,
         y,
         lambda: relay_sockets(
-            a.socket, b.socket, prefix_to_b=prefix, on_bytes=on_bytes, use_splice=splice
+            a.socket,
+            b.socket,
+            prefix_to_b=prefix,
+            on_bytes=on_bytes,
+            use_splice=splice,
+            engine=engine,
         ),
     )
 
@@ -109,8 +117,10 @@ async def transfer(src: trio.abc.SendStream, dst: trio.abc.ReceiveStream, data: 
 
 
 def skip_unless_splice(kind: str) -> None:
-    if kind == "splice" and not SPLICE_AVAILABLE:  # never the case on the Linux CI
+    if kind.endswith("splice") and not SPLICE_AVAILABLE:  # never the case on Linux
         pytest.fail("os.splice is required on this platform")
+    if not kind.startswith("trio-") and kind != "memory" and not ENGINE_AVAILABLE:
+        pytest.fail("the relay engine is required on this platform")
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
@@ -279,7 +289,7 @@ async def test_memory_relay_closes_a_stream_that_cannot_half_close() -> None:
         assert finished.is_set()
 
 
-@pytest.mark.parametrize("kind", ["memory", "copy", "splice"])
+@pytest.mark.parametrize("kind", ["memory", "copy", "splice", "trio-copy", "trio-splice"])
 async def test_cancellation_closes_both_sides(kind: str) -> None:
     skip_unless_splice(kind)
     with trio.fail_after(DEADLINE):
@@ -330,7 +340,7 @@ async def test_many_concurrent_small_round_trips() -> None:
     with trio.fail_after(DEADLINE):
 
         async def one(i: int) -> None:
-            x, y, run_relay = await make_setup(["copy", "auto", "splice"][i % 3])
+            x, y, run_relay = await make_setup(SOCKET_KINDS[i % len(SOCKET_KINDS)])
             async with running(run_relay), x, y:
                 for j in range(50):
                     msg = f"{i}:{j}:".encode() * 8
@@ -350,9 +360,81 @@ async def test_splice_needs_platform_support(monkeypatch: pytest.MonkeyPatch) ->
     import dask_gateway_common.relay as relay_module
 
     monkeypatch.setattr(relay_module, "SPLICE_AVAILABLE", False)
+    monkeypatch.setattr(relay_module, "ENGINE_AVAILABLE", False)
     a, b = trio.socket.socketpair()
-    with a, b, pytest.raises(ValueError, match="splice"):
-        await relay_module.relay_sockets(a, b, use_splice=True)
+    with a, b:
+        with pytest.raises(ValueError, match="splice"):
+            await relay_module.relay_sockets(a, b, use_splice=True)
+        with pytest.raises(ValueError, match="engine"):
+            await relay_module.relay_sockets(a, b, engine=True)
+
+
+@pytest.mark.parametrize("kind", ["copy", "splice", "trio-copy", "memory"])
+async def test_on_bytes_errors_are_not_swallowed(kind: str) -> None:
+    """A failing metrics callback is a bug: it surfaces, and both sides still get closed."""
+    skip_unless_splice(kind)
+
+    def broken(direction: str, n: int) -> None:
+        raise KeyError(direction)
+
+    with trio.fail_after(DEADLINE):
+        x, y, run_relay = await make_setup(kind, on_bytes=broken)
+        async with x, y:
+            with pytest.RaisesGroup(KeyError, allow_unwrapped=True, flatten_subgroups=True):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run_relay)
+                    await x.send_all(b"boom")
+            assert await y.receive_some(10) in (b"", b"boom")
+
+
+async def test_engine_crash_fails_relays_and_a_new_engine_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dask_gateway_common.relay as relay_module
+
+    def explode(self: object) -> None:
+        raise SystemError("simulated engine bug")
+
+    with trio.fail_after(DEADLINE):
+        monkeypatch.setattr(relay_module._Engine, "_run_commands", explode)
+        x, y, run_relay = await make_setup("copy")
+        async with x, y:
+            with pytest.raises(RuntimeError, match="engine crashed"):
+                await run_relay()
+            assert await x.receive_some(10) == b""  # both sides closed
+            assert await y.receive_some(10) == b""
+        monkeypatch.undo()
+        x, y, run_relay = await make_setup("copy")
+        async with running(run_relay), x, y:
+            await transfer(x, y, b"after the crash")
+            await x.send_eof()
+            await y.send_eof()
+
+
+@pytest.mark.parametrize("kind", ["copy", "auto", "splice", "trio-copy", "trio-splice"])
+async def test_backpressure_stops_reading(kind: str) -> None:
+    """While y does not read, the relay stops reading x: x cannot push 64 MiB."""
+    skip_unless_splice(kind)
+    with trio.fail_after(DEADLINE):
+        x, y, run_relay = await make_setup(kind)
+        assert isinstance(x, trio.SocketStream)
+        data = memoryview(random.randbytes(1 << 20))
+        sent, sent_hash, received_hash = 0, hashlib.sha256(), hashlib.sha256()
+        async with running(run_relay), x, y:
+            with trio.move_on_after(0.5):
+                while sent < 64 << 20:
+                    n = await x.socket.send(data)
+                    sent_hash.update(data[:n])
+                    sent += n
+            assert sent < 64 << 20
+            await x.send_eof()
+            total = 0
+            while chunk := await y.receive_some(1 << 20):
+                received_hash.update(chunk)
+                total += len(chunk)
+            assert received_hash.digest() == sent_hash.digest()
+            assert total == sent
+            await y.send_eof()
 
 
 @pytest.mark.parametrize(
@@ -362,6 +444,9 @@ async def test_splice_needs_platform_support(monkeypatch: pytest.MonkeyPatch) ->
         ("auto", 3_000_000, 1),  # bulk upward: that direction switches to splice
         ("splice", 64, 2),  # forced: one pipe per direction from the start
         ("copy", 3_000_000, 0),
+        ("trio-auto", 64, 0),
+        ("trio-auto", 3_000_000, 1),
+        ("trio-splice", 64, 2),
     ],
 )
 async def test_splice_mode_selection(
