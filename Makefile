@@ -18,6 +18,7 @@ install: $(BIN)/python
 
 install-test: install
 	$(PIP) install --quiet -c $(CONSTRAINTS) -r requirements/test.txt
+	$(BIN)/python tools/install_helm.py
 
 # API + scheduler proxy + web proxy on localhost, local backend, SQLite, simple auth.
 run: install
