@@ -171,3 +171,27 @@ async def test_client_retries_stale_pooled_connection(nursery: trio.Nursery) -> 
             for _ in range(3):
                 r = await client.fetch("GET", f"http://127.0.0.1:{port}/")
                 assert r.json() == {"ok": True}
+
+
+async def test_streamed_body_keeps_known_length_and_head(nursery: trio.Nursery) -> None:
+    async def sized(request: Request) -> Response:
+        async def chunks():
+            yield b"abc"
+            yield b"de"
+
+        return Response(200, [("Content-Length", "5")], chunks())
+
+    counts: list[int] = []
+    _host, port = await nursery.start(
+        lambda task_status: serve_http(
+            sized, "127.0.0.1", 0, count_connection=counts.append, task_status=task_status
+        )
+    )
+    with trio.fail_after(10):
+        async with HTTPClient() as client:
+            r = await client.fetch("GET", f"http://127.0.0.1:{port}/")
+            assert (r.headers.get("content-length"), r.body) == ("5", b"abcde")
+            assert r.headers.get("transfer-encoding") is None
+            r = await client.fetch("HEAD", f"http://127.0.0.1:{port}/")
+            assert (r.headers.get("content-length"), r.body) == ("5", b"")
+        assert counts[0] == 1

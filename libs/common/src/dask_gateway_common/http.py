@@ -45,6 +45,7 @@ __all__ = [
     "HTTPClient",
     "HTTPConnection",
     "HTTPLimits",
+    "Handler",
     "Headers",
     "Request",
     "Response",
@@ -216,6 +217,9 @@ class Upgrade:
     headers: list[tuple[str, str]]
     relay: Callable[[trio.abc.Stream, bytes], Awaitable[None]]
     status: int = 101
+    #: Called instead of ``relay`` when the upgrade cannot be completed (e.g. the client
+    #: went away before the 101 was sent), so the handler can release what it holds.
+    on_abort: Callable[[], Awaitable[None]] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | Upgrade]]
@@ -353,13 +357,23 @@ class _ServerConnection:
         return await self._finish_cycle()
 
     async def _send_response(self, request: Request, response: Response) -> None:
-        headers = [(k, v) for k, v in response.headers if k.lower() != "content-length"]
+        given_length = None
+        headers = []
+        for name, value in response.headers:
+            if name.lower() == "content-length":
+                given_length = value
+            else:
+                headers.append((name, value))
         streaming = not isinstance(response.body, bytes | bytearray)
         no_body = request.method == "HEAD" or response.status in (204, 304)
-        if not streaming and not no_body:
-            headers.append(("Content-Length", str(len(response.body))))
+        if not streaming and request.method != "HEAD" and response.status != 204:
+            headers.append(("Content-Length", str(len(response.body))))  # type: ignore[arg-type]
+        elif given_length is not None and response.status != 204:
+            # A streamed body (or a HEAD answer) of a size the handler knows, e.g. a
+            # proxied response: keep it; h11 checks that the body matches it.
+            headers.append(("Content-Length", given_length))
         elif not streaming and request.method == "HEAD":
-            headers.append(("Content-Length", str(len(response.body))))
+            headers.append(("Content-Length", str(len(response.body))))  # type: ignore[arg-type]
         await self._send(h11.Response(status_code=response.status, headers=headers))
         if no_body:
             if streaming and hasattr(response.body, "aclose"):
@@ -407,8 +421,17 @@ class _ServerConnection:
             await self._send(
                 h11.InformationalResponse(status_code=upgrade.status, headers=upgrade.headers)
             )
-        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.TooSlowError):
+        except (
+            GatewayError,
+            h11.LocalProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+        ):
             log.debug("Upgrade failed", exc_info=True)
+            if upgrade.on_abort is not None:
+                with trio.CancelScope(shield=True):
+                    await upgrade.on_abort()
             return False
         trailing, _closed = self.conn.trailing_data
         await upgrade.relay(self.stream, bytes(trailing))
@@ -445,17 +468,27 @@ def _peer_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
     return (peer[0], peer[1]) if isinstance(peer, tuple) else None
 
 
+ConnectionCounter = Callable[[int], None]
+
+
 async def serve_http_stream(
     stream: trio.abc.Stream,
     handler: Handler,
     *,
     limits: HTTPLimits = HTTPLimits(),
     scheme: str | None = None,
+    count_connection: ConnectionCounter | None = None,
 ) -> None:
-    """Serve HTTP/1.1 on one already-accepted stream until the connection ends."""
+    """Serve HTTP/1.1 on one already-accepted stream until the connection ends.
+
+    ``count_connection`` (optional) is called with +1 when the connection starts being
+    served and -1 when it ends, for connection metrics.
+    """
     if scheme is None:
         scheme = "https" if isinstance(stream, trio.SSLStream) else "http"
     connection = _ServerConnection(stream, handler, limits, _peer_of(stream), scheme)
+    if count_connection is not None:
+        count_connection(1)
     try:
         await connection.run()
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
@@ -463,6 +496,8 @@ async def serve_http_stream(
     except ssl.SSLError as exc:
         log.debug("TLS error from %s: %s", connection.client, exc)
     finally:
+        if count_connection is not None:
+            count_connection(-1)
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
 
@@ -474,6 +509,7 @@ async def serve_http(
     *,
     limits: HTTPLimits = HTTPLimits(),
     ssl_context: ssl.SSLContext | None = None,
+    count_connection: ConnectionCounter | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on ``host:port``; reports the bound ``(host, port)`` when ready."""
@@ -486,7 +522,7 @@ async def serve_http(
         ]
 
     async def on_connection(stream: trio.abc.Stream) -> None:
-        await serve_http_stream(stream, handler, limits=limits)
+        await serve_http_stream(stream, handler, limits=limits, count_connection=count_connection)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_connection, listeners)

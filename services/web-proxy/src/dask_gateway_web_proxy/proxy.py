@@ -109,11 +109,6 @@ def _text(status: int, message: str) -> Response:
     return Response.text(status, message)
 
 
-async def _no_body() -> AsyncIterator[bytes]:
-    return
-    yield  # pragma: no cover  (makes this an async generator)
-
-
 def _has_body(request: Request) -> bool:
     if request.headers.get("transfer-encoding") is not None:
         return True
@@ -272,6 +267,7 @@ class WebProxy:
             return Upgrade(
                 headers=rewrite_response_headers(upstream.headers.items(), upgrade=True),
                 relay=_upgrade_relay(stream, upstream.trailing, self.metrics),
+                on_abort=connection.aclose,
             )
         headers = rewrite_response_headers(upstream.headers.items())
         origin = route.target.origin
@@ -283,9 +279,8 @@ class WebProxy:
                 await connection.aclose()
             else:
                 await self.pool.release(origin, connection)
-            # An (empty) iterable body: with bytes, serve_http would announce
-            # "Content-Length: 0" for HEAD, misreporting the resource's size.
-            return Response(upstream.status, headers, _no_body())
+            # serve_http keeps the upstream's Content-Length on a HEAD answer.
+            return Response(upstream.status, headers, b"")
         return Response(
             upstream.status,
             headers,
@@ -380,6 +375,7 @@ async def serve_web_proxy(
                     port,
                     limits=limits or default_limits(),
                     ssl_context=ssl_context,
+                    count_connection=_connection_counter(metrics),
                     task_status=task_status,
                 )
             )
@@ -387,3 +383,15 @@ async def serve_web_proxy(
     finally:
         if own_pool:
             await pool.aclose()
+
+
+def _connection_counter(metrics: ProxyMetrics | None) -> Callable[[int], None] | None:
+    if metrics is None:
+        return None
+
+    def count(delta: int) -> None:
+        metrics.connections_active.inc(delta)
+        if delta > 0:
+            metrics.connections_total.inc()
+
+    return count
