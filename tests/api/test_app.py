@@ -6,12 +6,14 @@ bad input leaves the state unchanged.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
-from dask_gateway_api.app import Endpoint, match_route, normalize_prefix, wants_wait
+from dask_gateway_api.app import Endpoint, WireCache, match_route, normalize_prefix, wants_wait
 from dask_gateway_api.manager import ManagerConfig
-from dask_gateway_api.models import WIRE_KEYS
+from dask_gateway_api.models import WIRE_KEYS, Cluster, ClusterStatus, to_wire
 from dask_gateway_api.options import OptionsConfig, field_from_config
 from dask_gateway_api.resources import ClusterConfig
 from tests.api.api_harness import DEADLINE, PROXY_TOKEN, basic, open_api
@@ -493,3 +495,30 @@ async def test_wrong_json_types_in_every_body() -> None:
                     assert "error" in reply.json
             assert api.preload.messages == []
             assert api.manager.get(name).status.name == "RUNNING"
+
+
+def test_wire_cache_reencodes_on_visible_changes() -> None:
+    cluster = Cluster(
+        name="abc",
+        username="alice",
+        token="t",
+        status=ClusterStatus.PENDING,
+        options={"a": 1},
+        config=ClusterConfig(),
+        cert_pem="CERT",
+        key_pem="KEY",
+        start_time_ms=1,
+    )
+    cache = WireCache()
+    first = cache.encode(cluster)
+    assert json.loads(first) == to_wire(cluster)
+    assert cache.encode(cluster) is first  # cached
+    cluster.dashboard_address = "http://h:1"
+    cluster.status = ClusterStatus.RUNNING
+    running = json.loads(cache.encode(cluster))
+    assert running["status"] == "RUNNING" and running["tls_key"] == "KEY"
+    assert running["dashboard_route"] == "/clusters/abc/status"
+    cluster.status, cluster.stop_time_ms = ClusterStatus.STOPPED, 5
+    assert json.loads(cache.encode(cluster))["stop_time"] == 5
+    cache.prune(lambda name: False)
+    assert len(cache) == 0

@@ -16,6 +16,7 @@ clients working).
 from __future__ import annotations
 
 import enum
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import metadata
@@ -28,7 +29,15 @@ from .limits import validate_adapt_body, validate_scale_body
 from .manager import ClusterManager
 from .models import ACTIVE_STATUSES, Cluster, parse_status_filter, to_wire
 
-__all__ = ["ApiApp", "Endpoint", "match_route", "normalize_prefix", "server_version", "wants_wait"]
+__all__ = [
+    "ApiApp",
+    "Endpoint",
+    "WireCache",
+    "match_route",
+    "normalize_prefix",
+    "server_version",
+    "wants_wait",
+]
 
 log = logging.getLogger("dask_gateway.api.app")
 
@@ -118,6 +127,43 @@ def wants_wait(params: dict[str, str]) -> bool:
         return False
 
 
+class WireCache:
+    """Cluster objects encoded as JSON, re-encoded only when a wire-visible field changes.
+
+    A cluster's ``options`` and PEMs never change after creation, so the status, the
+    dashboard address and the two times decide the encoding. Listing 20 running clusters
+    (each with a certificate and key) then costs a join instead of 20 encodings.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[object, ...], bytes]] = {}
+
+    def encode(self, cluster: Cluster) -> bytes:
+        key = (
+            cluster.status,
+            cluster.dashboard_address,
+            cluster.start_time_ms,
+            cluster.stop_time_ms,
+        )
+        entry = self._entries.get(cluster.name)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        data = json.dumps(to_wire(cluster), separators=(",", ":")).encode()
+        self._entries[cluster.name] = (key, data)
+        return data
+
+    def prune(self, keep: Callable[[str], bool]) -> None:
+        """Forget the entries of clusters that ``keep`` rejects (expired records)."""
+        self._entries = {k: v for k, v in self._entries.items() if keep(k)}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _json_response(body: bytes, status: int = 200) -> Response:
+    return Response(status, [("Content-Type", "application/json")], body)
+
+
 def server_version() -> str:
     try:
         return metadata.version("dask-gateway-api")
@@ -142,6 +188,7 @@ class ApiApp:
         self.prefix = normalize_prefix(prefix)
         self.routes_handler = routes_handler
         self.version = version or server_version()
+        self._wire = WireCache()
 
     async def __call__(self, request: Request) -> Response:
         matched = match_route(request.path, self.prefix)
@@ -201,7 +248,7 @@ class ApiApp:
             cluster = self._owned(name, user, "view")
             if wants_wait(request.query_params):
                 cluster = await self.manager.wait_ready(name) or cluster
-            return Response.json(to_wire(cluster))
+            return _json_response(self._wire.encode(cluster))
         if endpoint is Endpoint.SCALE:
             self._owned(name, user, "scale")
             count = validate_scale_body(await request.json())
@@ -224,7 +271,10 @@ class ApiApp:
             except ValueError as exc:
                 raise GatewayError(str(exc), status=422) from None
         clusters = self.manager.list(user.name, statuses)
-        return Response.json({c.name: to_wire(c) for c in clusters})
+        if len(self._wire) > 2 * self.manager.cluster_count + 64:
+            self._wire.prune(lambda name: self.manager.get(name) is not None)
+        items = [b"%s:%s" % (json.dumps(c.name).encode(), self._wire.encode(c)) for c in clusters]
+        return _json_response(b"{" + b",".join(items) + b"}")
 
     async def _create(self, request: Request, user: User) -> Response:
         body = await request.json()

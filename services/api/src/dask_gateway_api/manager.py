@@ -178,6 +178,11 @@ class ClusterManager:
     def get(self, name: str) -> Cluster | None:
         return self._clusters.get(name)
 
+    @property
+    def cluster_count(self) -> int:
+        """Records held (active and finished, until they expire)."""
+        return len(self._clusters)
+
     def workers(self, name: str) -> list[Worker]:
         return list(self._workers.get(name, {}).values())
 
