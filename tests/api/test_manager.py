@@ -335,3 +335,20 @@ async def test_a_bug_in_one_background_task_does_not_stop_the_api(caplog) -> Non
             assert status(api, name) == "STOPPING"
             other = await api.running_cluster()
             assert status(api, other) == "RUNNING"
+
+
+async def test_absurd_worker_counts_are_capped() -> None:
+    config = ManagerConfig(max_workers_per_cluster=3, check_period=0.05)
+    with trio.fail_after(DEADLINE):
+        async with open_api(config) as api:
+            name = await api.running_cluster()
+            reply = await api.request(
+                "POST", f"/api/v1/clusters/{name}/scale", user="alice", body={"count": 10**30}
+            )
+            assert reply.json["ok"] is False
+            assert "resource limit of 3 workers" in reply.json["msg"]
+            assert api.preload.messages == [{"op": "scale", "count": 3}]
+            # A scheduler reporting a huge count does not make us create that many workers.
+            await api.heartbeat(name, count=10**30)
+            await api.until(lambda: len(api.backend.workers_started) == 3)
+            assert len(api.manager.workers(name)) == 3

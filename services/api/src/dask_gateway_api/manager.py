@@ -41,7 +41,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import h11
@@ -126,6 +126,8 @@ class ManagerConfig:
     #: Attempts and per-attempt timeout when forwarding scale/adapt to a scheduler.
     scheduler_api_retries: int = 3
     scheduler_api_timeout: float = 10.0
+    #: Hard upper bound on workers per cluster, whatever the cluster config says.
+    max_workers_per_cluster: int = 10_000
     #: How long ``GET ?wait`` blocks at most (seconds).
     wait_timeout: float = 20.0
     #: Upper bound of a graceful stop of all clusters at shutdown (seconds).
@@ -411,7 +413,10 @@ class ClusterManager:
         """Forward a (validated) scale request, clamped to the limits; ``(ok, msg)``."""
         cluster = self._require_running(name)
         count, msg = limit_scale(
-            count, cluster.config, self.config.user_limits, self._usage(user.name, name)
+            count,
+            self._limited(cluster.config),
+            self.config.user_limits,
+            self._usage(user.name, name),
         )
         await self._forward(name, {"op": "scale", "count": count})
         return msg is None, msg
@@ -426,7 +431,7 @@ class ClusterManager:
             minimum, maximum, msg = limit_adapt(
                 minimum,
                 maximum,
-                cluster.config,
+                self._limited(cluster.config),
                 self.config.user_limits,
                 self._usage(user.name, name),
             )
@@ -437,6 +442,15 @@ class ClusterManager:
             name, {"op": "adapt", "minimum": minimum, "maximum": maximum, "active": active}
         )
         return msg is None, msg
+
+    def _limited(self, config: ClusterConfig) -> ClusterConfig:
+        """``config`` with the server's hard worker cap folded into ``cluster_max_workers``
+        (a scale request of 10**9 must not make us create 10**9 worker records)."""
+        cap = self.config.max_workers_per_cluster
+        current = config.cluster_max_workers
+        if current is not None and current <= cap:
+            return config
+        return replace(config, cluster_max_workers=cap)
 
     def _require_running(self, name: str) -> Cluster:
         cluster = self._clusters.get(name)
@@ -520,7 +534,7 @@ class ClusterManager:
         name = cluster.name
         count, _ = limit_scale(
             msg.count,
-            cluster.config,
+            self._limited(cluster.config),
             self.config.user_limits,
             self._usage(cluster.username, name),
         )
