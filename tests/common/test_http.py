@@ -195,3 +195,21 @@ async def test_streamed_body_keeps_known_length_and_head(nursery: trio.Nursery) 
             r = await client.fetch("HEAD", f"http://127.0.0.1:{port}/")
             assert (r.headers.get("content-length"), r.body) == ("5", b"")
         assert counts[0] == 1
+
+
+async def test_early_answer_to_a_huge_upload_reaches_the_client(nursery: trio.Nursery) -> None:
+    # The server refuses the body (413) without reading it; the client still gets the 413.
+    port = await start(nursery)
+
+    async def big_body():
+        for _ in range(64):
+            yield b"x" * (128 * 1024)
+
+    with trio.fail_after(20):
+        conn = await open_http_connection("127.0.0.1", port)
+        response = await conn.request(
+            "POST", "/echo", [("Content-Length", str(8 << 20))], big_body()
+        )
+        assert response.status == 413
+        assert b"exceeds the limit" in await response.read()
+        await conn.aclose()

@@ -437,6 +437,22 @@ class _ServerConnection:
         await upgrade.relay(self.stream, bytes(trailing))
         return False
 
+    async def linger(self, timeout: float = 2.0, max_bytes: int = 64 * 1024 * 1024) -> None:
+        """Closing with a request body still unread would make the kernel reset the
+        connection, and the client (or a proxy in front of us) could lose the answer we
+        just sent. So half-close, and read and discard for a bounded while first."""
+        if self.conn.their_state is not h11.SEND_BODY:
+            return
+        with trio.move_on_after(timeout):
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
+            drained = 0
+            while drained < max_bytes:
+                data = await self.stream.receive_some(READ_CHUNK)
+                if not data:
+                    break
+                drained += len(data)
+
     async def _send_error_and_close(self, status: int, message: str) -> None:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
@@ -491,6 +507,7 @@ async def serve_http_stream(
         count_connection(1)
     try:
         await connection.run()
+        await connection.linger()
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass
     except ssl.SSLError as exc:
@@ -626,13 +643,27 @@ class HTTPConnection:
             headers.append(("Transfer-Encoding", "chunked"))
         self.requests_sent += 1
         await self._send(h11.Request(method=method, target=target, headers=headers))
-        if streaming:
-            async for chunk in body:  # type: ignore[union-attr]
-                if chunk:
-                    await self._send(h11.Data(data=chunk))
-        elif body:
-            await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
+        try:
+            if streaming:
+                async for chunk in body:  # type: ignore[union-attr]
+                    if chunk:
+                        await self._send(h11.Data(data=chunk))
+            elif body:
+                await self._send(h11.Data(data=body))
+            await self._send(h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The server may have answered early (413, 401...) and closed: its answer,
+            # if it reached us, is worth more than the broken pipe.
+            try:
+                return await self._receive_response_head(
+                    response_timeout if response_timeout is not None else 5.0
+                )
+            except (trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError):
+                pass
+            raise
+        return await self._receive_response_head(response_timeout)
+
+    async def _receive_response_head(self, response_timeout: float | None) -> ClientResponse:
         while True:
             event = await self._next_event(response_timeout)
             if isinstance(event, h11.InformationalResponse):
