@@ -2,7 +2,8 @@
 
 from .config import ProxySettings, SettingsError, build_parser, load_settings
 from .dispatch import SNI_PREFIX, Forward, Reject, cluster_name, decide
-from .proxy import SchedulerProxy, open_listeners, serve_scheduler_proxy
+from .proxy import SchedulerProxy, serve_scheduler_proxy
+from .sockets import open_listeners, open_tcp_socket
 
 __all__ = [
     "SNI_PREFIX",
@@ -16,5 +17,6 @@ __all__ = [
     "decide",
     "load_settings",
     "open_listeners",
+    "open_tcp_socket",
     "serve_scheduler_proxy",
 ]

@@ -25,7 +25,6 @@ socket drained for a moment (bounded) so the alert is not lost to a TCP reset.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket as _stdlib_socket
 from collections.abc import Callable
@@ -42,18 +41,16 @@ from dask_gateway_common.sni import (
     ClientHello,
     ClientHelloError,
     NeedData,
+    NotTLS,
     parse_client_hello,
     tls_alert,
 )
 
 from .config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HELLO_TIMEOUT, ProxySettings
 from .dispatch import Forward, Reject, decide
+from .sockets import bound_port, open_listeners, open_tcp_socket
 
-__all__ = [
-    "SchedulerProxy",
-    "open_listeners",
-    "serve_scheduler_proxy",
-]
+__all__ = ["SchedulerProxy", "serve_scheduler_proxy"]
 
 log = logging.getLogger("dask_gateway.scheduler_proxy")
 
@@ -64,7 +61,6 @@ HELLO_READ_SIZE = 4096
 #: After sending an alert, wait this long (at most) for the client to close first.
 ALERT_LINGER = 1.0
 _ALERT_DRAIN_BYTES = 64 * 1024
-_BACKLOG = 65535  # capped by the kernel (net.core.somaxconn)
 _ALERTS = {code: tls_alert(code) for code in (INTERNAL_ERROR, UNRECOGNIZED_NAME)}
 
 
@@ -113,11 +109,10 @@ class SchedulerProxy:
         self.metrics.hello_errors_total.labels(reason=reason).inc()
 
     async def _handle(self, sock: trio.socket.SocketType) -> None:
-        buf = await self._read_hello(sock)
-        if buf is None:
+        hello = await self._read_hello(sock)
+        if hello is None:
             return
-        result = parse_client_hello(buf, self.max_hello_bytes)
-        assert not isinstance(result, NeedData)
+        buf, result = hello
         action = decide(result, self.table.sni_target, self.http_forward)
         if isinstance(action, Reject):
             self._count(action.reason)
@@ -133,8 +128,11 @@ class SchedulerProxy:
             return
         await relay_sockets(sock, backend, prefix_to_b=buf, on_bytes=self._on_bytes)
 
-    async def _read_hello(self, sock: trio.socket.SocketType) -> bytes | None:
-        """The bytes read until the parser decides; None (counted) if the client failed."""
+    async def _read_hello(
+        self, sock: trio.socket.SocketType
+    ) -> tuple[bytes, ClientHello | NotTLS] | None:
+        """The bytes read until the parser decided, and its answer; None (counted) if the
+        client failed to send a usable hello in time."""
         buf = b""
         want = HELLO_READ_SIZE
         try:
@@ -147,7 +145,7 @@ class SchedulerProxy:
                     buf += data
                     result = parse_client_hello(buf, self.max_hello_bytes)
                     if not isinstance(result, NeedData):
-                        return buf
+                        return buf, result
                     want = max(HELLO_READ_SIZE, result.at_least - len(buf))
         except trio.TooSlowError:
             self._count("timeout")
@@ -177,29 +175,6 @@ class SchedulerProxy:
             return None
 
 
-async def open_tcp_socket(host: str, port: int) -> trio.socket.SocketType:
-    """A connected TCP socket to ``host:port``, trying each resolved address in turn.
-
-    Cheaper than ``trio.open_tcp_stream`` (no happy-eyeballs nursery): routes normally hold
-    IP literals, which resolve without a thread. Put a deadline around it.
-    """
-    infos = await trio.socket.getaddrinfo(host, port, type=_stdlib_socket.SOCK_STREAM)
-    error: OSError | None = None
-    for family, type_, proto, _, sockaddr in infos:
-        sock = trio.socket.socket(family, type_, proto)
-        try:
-            await sock.connect(sockaddr)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    raise error or OSError(errno.EHOSTUNREACH, f"no address for {host!r}")
-
-
 async def _send_alert_and_close(sock: trio.socket.SocketType, description: int) -> None:
     """Send a fatal TLS alert, shut our side, and drain briefly so the alert arrives."""
     alert = _ALERTS.get(description) or tls_alert(description)
@@ -217,51 +192,6 @@ async def _send_alert_and_close(sock: trio.socket.SocketType, description: int) 
         pass
     finally:
         sock.close()
-
-
-async def open_listeners(
-    host: str, port: int, *, reuse_port: bool = False
-) -> list[trio.SocketListener]:
-    """Bound, listening TCP listeners on ``host:port`` (one per resolved address).
-
-    ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can share the port and the
-    kernel spreads new connections across them.
-    """
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=_stdlib_socket.SOCK_STREAM, flags=_stdlib_socket.AI_PASSIVE
-    )
-    listeners: list[trio.SocketListener] = []
-    seen: set[tuple[int, object]] = set()
-    try:
-        for family, type_, proto, _, sockaddr in infos:
-            if (family, sockaddr) in seen:
-                continue
-            seen.add((family, sockaddr))
-            sock = trio.socket.socket(family, type_, proto)
-            try:
-                sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEPORT, 1)
-                if family == _stdlib_socket.AF_INET6:
-                    sock.setsockopt(_stdlib_socket.IPPROTO_IPV6, _stdlib_socket.IPV6_V6ONLY, 1)
-                await sock.bind(sockaddr)
-                sock.listen(_BACKLOG)
-            except BaseException:
-                sock.close()
-                raise
-            listeners.append(trio.SocketListener(sock))
-    except BaseException:
-        for listener in listeners:
-            listener.socket.close()
-        raise
-    if not listeners:
-        raise OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {host!r}")
-    return listeners
-
-
-def bound_port(listeners: list[trio.SocketListener]) -> int:
-    """The port the first listener is bound to (resolves a requested port 0)."""
-    return int(listeners[0].socket.getsockname()[1])
 
 
 async def serve_scheduler_proxy(
