@@ -27,7 +27,8 @@ def main() -> None:
     finally:
         cluster.shutdown()
     print("clusters left:", gateway.list_clusters())
-    gateway.close()
+    # No explicit gateway.close(): the official client closes itself when collected, and
+    # its __del__ fails on a second close.
 
 
 if __name__ == "__main__":
