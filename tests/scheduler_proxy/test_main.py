@@ -282,8 +282,8 @@ async def test_console_script_with_two_workers(credentials: Credentials) -> None
                     url = f"http://127.0.0.1:{admin_port}/readyz"
                     assert (await http.fetch("GET", url, timeout=WAIT)).status == 200
 
-                # SIGTERM to the parent stops both (stderr closes once both have exited).
-                process.send_signal(signal.SIGTERM)
+                # Ctrl-C (SIGINT) to the parent stops both; stderr closes once both exited.
+                process.send_signal(signal.SIGINT)
                 await lines.read_to_eof()
                 assert await process.wait() == 0
                 assert not process_exists(child)
@@ -306,4 +306,28 @@ async def test_workers_die_with_a_killed_parent() -> None:
             # The child holds stderr too: EOF means it has exited as well.
             await lines.read_to_eof()
             assert any("parent process exited" in line for line in lines.lines)
+            nursery.cancel_scope.cancel()
+
+
+async def test_cli_explains_a_busy_address() -> None:
+    with trio.fail_after(WAIT * 3):
+        async with trio.open_nursery() as nursery:
+            feed_port, _ = await start_feed_server(nursery, make_feed_handler(RouteFeed(), TOKEN))
+            busy = trio.socket.socket()
+            await busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            try:
+                result = await trio.run_process(
+                    [SCRIPT, "--address", f"127.0.0.1:{port}", "--api-url", routes_url(feed_port)],
+                    env={**os.environ, "DASK_GATEWAY_PROXY_TOKEN": TOKEN},
+                    capture_stderr=True,
+                    check=False,
+                )
+            finally:
+                busy.close()
+            err = result.stderr.decode()
+            assert result.returncode == 1, err
+            assert f"cannot listen on --address 127.0.0.1:{port}" in err
+            assert "Traceback" not in err
             nursery.cancel_scope.cancel()

@@ -28,8 +28,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -42,7 +43,7 @@ from dask_gateway_common.routes import RouteTable
 from .config import PROG, TOKEN_ENV, ProxySettings, SettingsError, load_settings
 from .proxy import serve_scheduler_proxy
 
-__all__ = ["PARENT_FD_ENV", "SHUTDOWN_GRACE", "Running", "main", "run"]
+__all__ = ["PARENT_FD_ENV", "SHUTDOWN_GRACE", "Running", "StartupError", "main", "run"]
 
 log = logging.getLogger("dask_gateway.scheduler_proxy")
 
@@ -50,6 +51,29 @@ log = logging.getLogger("dask_gateway.scheduler_proxy")
 PARENT_FD_ENV = "DASK_GATEWAY_SCHEDULER_PROXY_PARENT_FD"
 SHUTDOWN_GRACE = 5.0
 RESTART_DELAY = 1.0
+
+
+class StartupError(Exception):
+    """The process cannot start serving (e.g. its address is taken); the message says why."""
+
+
+def _find_startup_error(exc: BaseException) -> StartupError | None:
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_startup_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def _start_or_explain(nursery: trio.Nursery, what: str, fn: Callable[..., Any]) -> Any:
+    """``nursery.start(fn)``, turning a bind failure into a StartupError naming ``what``."""
+    try:
+        return await nursery.start(fn)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {what}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -192,7 +216,7 @@ async def run(
         **dict(feed_client_options or {}),  # type: ignore[arg-type]
     )
     workers: _Workers | None = None
-    liveness_w: int | None = None
+    liveness: tuple[int, int] | None = None  # parent-liveness pipe (read end, write end)
     try:
         async with trio.open_nursery() as root:
             stopper = _Stopper(root.cancel_scope, stop)
@@ -204,29 +228,33 @@ async def run(
             admin_port = None
             if not is_child:
                 host, port = settings.admin_address
-                _, admin_port = await root.start(
+                _, admin_port = await _start_or_explain(
+                    root,
+                    f"--admin-address {format_host_port(host, port)}",
                     functools.partial(
                         serve_admin, host, port, table=table, feed=feed,
                         token=settings.token, registry=registry,
-                    )
+                    ),
                 )  # fmt: skip
                 log.info("Admin endpoint on http://%s", format_host_port(host, admin_port))
             await feed.synced.wait()
 
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accept:
-                    port = await accept.start(
+                    port = await _start_or_explain(
+                        accept,
+                        f"--address {format_host_port(*settings.address)}",
                         functools.partial(
                             serve_scheduler_proxy, settings, table, metrics,
                             reuse_port=is_child or settings.workers > 1,
                             handler_nursery=connections,
-                        )
+                        ),
                     )  # fmt: skip
                     if settings.workers > 1 and not is_child:
-                        liveness_r, liveness_w = os.pipe()
+                        liveness = os.pipe()
                         env = {**os.environ, TOKEN_ENV: settings.token}
-                        env[PARENT_FD_ENV] = str(liveness_r)
-                        workers = _Workers(child_argv(settings, port), env, liveness_r)
+                        env[PARENT_FD_ENV] = str(liveness[0])
+                        workers = _Workers(child_argv(settings, port), env, liveness[0])
                         for index in range(1, settings.workers):
                             root.start_soon(workers.supervise, index)
                     stopper.serving = True
@@ -242,8 +270,9 @@ async def run(
                     await workers.wait_exited()
             root.cancel_scope.cancel()
     finally:
-        if liveness_w is not None:
-            os.close(liveness_w)
+        if liveness is not None:
+            os.close(liveness[0])
+            os.close(liveness[1])
     log.info("Scheduler proxy stopped")
 
 
@@ -268,5 +297,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             print(f"{PROG}: {PARENT_FD_ENV} does not name an open fd", file=sys.stderr)
             return 2
     setup_logging(settings.log_level)
-    trio.run(functools.partial(run, settings, parent_fd=parent_fd))
+    try:
+        trio.run(functools.partial(run, settings, parent_fd=parent_fd))
+    except BaseException as exc:
+        error = _find_startup_error(exc)
+        if error is None:
+            raise
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
     return 0
