@@ -11,12 +11,14 @@ stream when its handler returns, and backs off on EMFILE/ENFILE):
    connection (counted in ``hello_errors_total{reason}``).
 2. **Decide** (``dispatch.decide``, pure): SNI ``daskgateway-<name>`` → that cluster's
    scheduler from the route table, looked up *now* and never again, so route changes
-   leave established connections alone. Unknown names get the TLS ``unrecognized_name``
-   alert; non-TLS bytes are closed, or forwarded to ``http_forward`` when set.
+   leave established connections alone. Unknown clusters get the TLS ``unrecognized_name``
+   alert. Non-TLS bytes and TLS for other names go to ``http_forward`` when it is set;
+   otherwise non-TLS is closed and other names get ``unrecognized_name``.
 3. **Connect** to the target under ``connect_timeout``; if that fails, a TLS client gets
    the ``internal_error`` alert.
-4. **Relay** with ``relay_sockets`` (raw sockets, shared buffer, splice for bulk), first
-   replaying the bytes already read, until both directions are done.
+4. **Relay** with the raw-socket fast path ``relay_sockets`` of ``dask_gateway_common``,
+   first replaying the bytes already read, until both directions are done (half-closes
+   are propagated).
 
 Every per-connection failure is contained in its handler: it is logged, counted, and the
 listener keeps serving everyone else. Alerts are sent, then the write side is shut and the
