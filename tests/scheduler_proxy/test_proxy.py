@@ -10,7 +10,11 @@ import trio
 
 from dask_gateway_common.feed import RouteFeed, make_feed_handler
 from dask_gateway_common.http import Request, Response, serve_http
+from dask_gateway_common.metrics import ProxyMetrics, new_registry
+from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.sni import INTERNAL_ERROR, UNRECOGNIZED_NAME, tls_alert
+from dask_gateway_scheduler_proxy.config import ProxySettings
+from dask_gateway_scheduler_proxy.proxy import serve_scheduler_proxy
 
 from .conftest import (
     TOKEN,
@@ -316,4 +320,42 @@ async def test_many_concurrent_clients(credentials: Credentials) -> None:
             assert len(results) == 100
             assert backend.connections == 100
             assert proxy.sample("connections_total") == 100
+            nursery.cancel_scope.cancel()
+
+
+class ExplodingTable(RouteTable):
+    """A table whose lookup fails for one name: stands in for any unexpected bug."""
+
+    def sni_target(self, name: str) -> tuple[str, int] | None:
+        if name == "boom":
+            raise RuntimeError("lookup exploded")
+        return super().sni_target(name)
+
+
+async def test_unexpected_error_is_contained_and_counted(
+    credentials: Credentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            backend = await start_echo_backend(nursery, "iota", credentials.server_context())
+            table = ExplodingTable([sni_route("iota", backend.target)])
+            metrics = ProxyMetrics(new_registry())
+            settings = ProxySettings(address=("127.0.0.1", 0), api_url="http://x/", token=TOKEN)
+            port = await nursery.start(
+                functools.partial(serve_scheduler_proxy, settings, table, metrics)
+            )
+            established = await open_tls_client(port, "iota", credentials)
+            for _ in range(3):
+                assert await exchange_raw(port, client_hello("daskgateway-boom")) == b""
+            # The listener and the other connections are unaffected.
+            assert await round_trip(established, b"ok") == b"iota:ok"
+            fresh = await open_tls_client(port, "iota", credentials)
+            assert await round_trip(fresh, b"ok") == b"iota:ok"
+            internal = metrics.registry.get_sample_value(
+                "dask_gateway_proxy_hello_errors_total", {"reason": "internal"}
+            )
+            assert internal == 3
+            assert "lookup exploded" in caplog.text
+            await established.aclose()
+            await fresh.aclose()
             nursery.cancel_scope.cancel()
