@@ -9,6 +9,8 @@ ignored them would fail the clusters within the test).
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -99,3 +101,30 @@ def test_restart_api_keeps_running_clusters(gw: GatewayUnderTest) -> None:
                 client.close()
             first.shutdown()
             second.shutdown()
+
+
+def test_restart_then_adopted_scheduler_loss(gw: GatewayUnderTest) -> None:
+    """After a restart the schedulers are no longer the API's children; losing one must
+    still fail its cluster (liveness check or heartbeat timeout of 5 s)."""
+    with gw.client("bob") as gateway:
+        cluster = gateway.new_cluster()
+        try:
+            client = cluster.get_client(set_as_default=False)
+            try:
+                scheduler_pid = client.run_on_scheduler(os.getpid)
+            finally:
+                client.close()
+            with time_limit(70, "API restart"):
+                gw.local.restart_api(kill=True)
+            assert gateway.get_cluster(cluster.name).status is ClusterStatus.RUNNING
+            os.kill(scheduler_pid, signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(
+                lambda: cluster.name in names(gateway.list_clusters(status="failed")),
+                40,
+                "the adopted cluster to be FAILED after its scheduler died",
+                interval=0.2,
+            )
+            print(f"adopted scheduler loss detected after {time.monotonic() - killed:.1f} s")
+        finally:
+            cluster.shutdown()
