@@ -159,15 +159,15 @@ class Problems:
 
 def add_common_proxy_args(parser: argparse.ArgumentParser) -> None:
     """Add the flags both proxies share. Values are strings; validate with the helpers above."""
+    # --address and --api-url are required, but checked later with every other problem
+    # (argparse would stop at the first missing one).
     parser.add_argument(
         "--address",
-        required=True,
-        help="HOST:PORT (or :PORT for all interfaces) to serve proxied traffic on",
+        help="(required) HOST:PORT (or :PORT for all interfaces) to serve proxied traffic on",
     )
     parser.add_argument(
         "--api-url",
-        required=True,
-        help="URL of the API's route feed, e.g. http://api:8000/api/v1/routes",
+        help="(required) URL of the API's route feed, e.g. http://api:8000/api/v1/routes",
     )
     parser.add_argument(
         "--admin-address",

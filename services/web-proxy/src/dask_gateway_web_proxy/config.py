@@ -79,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         exit_on_error=False,
     )
     add_common_proxy_args(parser)
-    # Missing flags are reported together with every other problem, not one at a time.
-    for action in parser._actions:
-        action.required = False
     parser.add_argument(
         "--tls-cert",
         default=None,
