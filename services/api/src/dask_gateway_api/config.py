@@ -110,6 +110,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "jupyterhub_api_url": Key("str", None, optional=True),
         "jupyterhub_api_token": Key("str", None, optional=True, secret=True),
         "jupyterhub_service_name": Key("str", ""),
+        "jupyterhub_use_service_access_scopes": Key("bool", None, optional=True),
+        "jupyterhub_legacy_api": Key("bool", False),
+        "jupyterhub_tls_ca": Key("str", None, optional=True),
+        "jupyterhub_tls_cert": Key("str", None, optional=True),
+        "jupyterhub_tls_key": Key("str", None, optional=True),
+        "jupyterhub_timeout": Key("float", 10.0),
+        "jupyterhub_cache_ttl": Key("float", 60.0),
+        "jupyterhub_cache_size": Key("int", 1024),
         "kerberos_service_name": Key("str", "HTTP"),
         "kerberos_keytab": Key("str", "dask_gateway.keytab"),
     },
@@ -173,6 +181,15 @@ class AuthSettings:
     jupyterhub_api_url: str | None = None
     jupyterhub_api_token: str | None = field(default=None, repr=False)
     jupyterhub_service_name: str = ""
+    #: ``None``: check the service access scope iff a service name is set (not legacy).
+    jupyterhub_use_service_access_scopes: bool | None = None
+    jupyterhub_legacy_api: bool = False
+    jupyterhub_tls_ca: str | None = None
+    jupyterhub_tls_cert: str | None = None
+    jupyterhub_tls_key: str | None = None
+    jupyterhub_timeout: float = 10.0
+    jupyterhub_cache_ttl: float = 60.0
+    jupyterhub_cache_size: int = 1024
     kerberos_service_name: str = "HTTP"
     kerberos_keytab: str = "dask_gateway.keytab"
 
@@ -508,13 +525,43 @@ def _auth(v: dict[str, Any], problems: list[str]) -> AuthSettings:
         )
     if v.get("jupyterhub_api_url"):
         v["jupyterhub_api_url"] = _url(v["jupyterhub_api_url"], "auth.jupyterhub_api_url", problems)
+    _positive(v, ["jupyterhub_timeout", "jupyterhub_cache_size"], "auth", problems)
+    _non_negative(v, ["jupyterhub_cache_ttl"], "auth", problems)
+    if v.get("type") == "jupyterhub":
+        _jupyterhub_problems(v, problems)
+    if v.get("type") == "kerberos" and not str(v.get("kerberos_service_name") or "").strip():
+        problems.append("auth.kerberos_service_name: must not be empty")
     password = v.get("password")
     if password == "":
         v["password"] = None
     kwargs = {k: val for k, val in v.items() if k in SCHEMA["auth"]}
-    if "cookie_max_age" in kwargs:
-        kwargs["cookie_max_age"] = float(kwargs["cookie_max_age"])
+    for key in ("cookie_max_age", "jupyterhub_timeout", "jupyterhub_cache_ttl"):
+        if key in kwargs:
+            kwargs[key] = float(kwargs[key])
     return AuthSettings(**kwargs)
+
+
+def _jupyterhub_problems(v: dict[str, Any], problems: list[str]) -> None:
+    """Contradictions between the JupyterHub keys (only checked with that auth type)."""
+    legacy = v.get("jupyterhub_legacy_api", False)
+    scopes = v.get("jupyterhub_use_service_access_scopes")
+    if legacy and not v.get("jupyterhub_api_token"):
+        problems.append(
+            "auth.jupyterhub_legacy_api needs the gateway's own hub token "
+            "(auth.jupyterhub_api_token or JUPYTERHUB_API_TOKEN)"
+        )
+    if legacy and scopes:
+        problems.append(
+            "auth.jupyterhub_use_service_access_scopes cannot be enforced with "
+            "auth.jupyterhub_legacy_api (the legacy hub API does not report token scopes)"
+        )
+    elif scopes and not v.get("jupyterhub_service_name"):
+        problems.append(
+            "auth.jupyterhub_use_service_access_scopes needs auth.jupyterhub_service_name "
+            "(or JUPYTERHUB_SERVICE_NAME)"
+        )
+    if v.get("jupyterhub_tls_key") and not v.get("jupyterhub_tls_cert"):
+        problems.append("auth.jupyterhub_tls_key is set without auth.jupyterhub_tls_cert")
 
 
 def _backend(v: dict[str, Any], problems: list[str]) -> BackendSettings:

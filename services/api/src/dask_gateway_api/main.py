@@ -25,9 +25,12 @@ from dask_gateway_common.feed import RouteFeed, make_feed_handler
 from dask_gateway_common.http import HTTPClient, HTTPLimits, serve_http
 from dask_gateway_common.logs import setup_logging
 from dask_gateway_common.settings import SettingsError
+from dask_gateway_common.tls import client_ssl_context
 
 from .app import ApiApp, server_version
 from .auth import Authenticator, CookieCache, SimpleAuthenticator, UserAuth
+from .auth_jupyterhub import HubAuthConfig, JupyterHubAuthenticator
+from .auth_kerberos import KerberosAuthenticator, KerberosUnavailable
 from .backends.local import open_local_backend
 from .config import AuthSettings, Settings, load_settings
 from .manager import ClusterManager, ManagerConfig
@@ -49,10 +52,57 @@ log = logging.getLogger("dask_gateway.api")
 
 
 def make_authenticator(settings: AuthSettings) -> Authenticator:
-    """The configured authenticator. Raises SettingsError for types not available yet."""
+    """The configured authenticator.
+
+    Raises SettingsError when it cannot be built: unreadable keytab or TLS files, a missing
+    ``gssapi`` package, or an unknown type.
+    """
     if settings.type == "simple":
         return SimpleAuthenticator(password=settings.password)
-    raise SettingsError([f"auth.type {settings.type!r} is not supported by this build yet"])
+    if settings.type == "jupyterhub":
+        ssl_context = None
+        if settings.jupyterhub_tls_ca or settings.jupyterhub_tls_cert:
+            try:
+                ssl_context = client_ssl_context(
+                    ca_file=settings.jupyterhub_tls_ca,
+                    cert_file=settings.jupyterhub_tls_cert,
+                    key_file=settings.jupyterhub_tls_key,
+                )
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise SettingsError([f"auth.jupyterhub_tls_*: cannot load: {exc}"]) from None
+        try:
+            return JupyterHubAuthenticator(
+                HubAuthConfig(
+                    api_url=settings.jupyterhub_api_url or "",
+                    service_name=settings.jupyterhub_service_name,
+                    use_service_access_scopes=settings.jupyterhub_use_service_access_scopes,
+                    legacy_api=settings.jupyterhub_legacy_api,
+                    api_token=settings.jupyterhub_api_token,
+                    cache_ttl=settings.jupyterhub_cache_ttl,
+                    cache_size=settings.jupyterhub_cache_size,
+                    timeout=settings.jupyterhub_timeout,
+                ),
+                ssl_context=ssl_context,
+            )
+        except ValueError as exc:
+            raise SettingsError([str(exc)]) from None
+    if settings.type == "kerberos":
+        try:
+            return KerberosAuthenticator(
+                settings.kerberos_keytab, service_name=settings.kerberos_service_name
+            )
+        except KerberosUnavailable as exc:
+            raise SettingsError([str(exc)]) from None
+        except OSError as exc:
+            raise SettingsError(
+                [
+                    f"auth.kerberos_keytab: cannot read {settings.kerberos_keytab!r}: "
+                    f"{exc.strerror or exc}"
+                ]
+            ) from None
+        except ValueError as exc:
+            raise SettingsError([f"auth.kerberos_service_name: {exc}"]) from None
+    raise SettingsError([f"auth.type {settings.type!r} is not supported by this build"])
 
 
 def manager_config(settings: Settings) -> ManagerConfig:
