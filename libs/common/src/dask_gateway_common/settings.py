@@ -16,16 +16,24 @@ name where the token came from, never the token itself.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 __all__ = [
     "LOG_LEVELS",
+    "CommonProxySettings",
     "Problems",
+    "RaisingArgumentParser",
     "SettingsError",
     "add_common_proxy_args",
     "log_level",
     "parse_host_port",
+    "parse_proxy_argv",
+    "parse_routes_url",
+    "parse_seconds",
     "read_token",
 ]
 
@@ -186,3 +194,89 @@ def add_common_proxy_args(parser: argparse.ArgumentParser) -> None:
         default="INFO",
         help=f"one of {', '.join(LOG_LEVELS)} (case-insensitive); default %(default)s",
     )
+
+
+TOKEN_ENV = "DASK_GATEWAY_PROXY_TOKEN"
+MAX_TIMEOUT = 3600.0
+
+
+class RaisingArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ``SettingsError`` instead of exiting on bad argv."""
+
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str):  # type: ignore[override]
+        raise SettingsError([message])
+
+
+def parse_seconds(value: str, *, what: str, maximum: float = MAX_TIMEOUT) -> float:
+    """A positive, finite number of seconds no larger than ``maximum``."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{what}: expected a number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or not 0 < seconds <= maximum:
+        raise ValueError(f"{what}: must be > 0 and <= {maximum:g} seconds, got {value!r}")
+    return seconds
+
+
+def parse_routes_url(value: str, *, what: str = "--api-url") -> str:
+    """The full http(s) URL of the API's route feed (no credentials, query or fragment)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{what}: not a valid URL: {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"{what}: expected the full routes URL, e.g. "
+            f"http://127.0.0.1:8000/api/v1/routes, got {value!r}"
+        )
+    if port == 0:
+        raise ValueError(f"{what}: port 0 is not a valid port: {value!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{what}: must not carry credentials, a query or a fragment")
+    return value
+
+
+@dataclass(frozen=True)
+class CommonProxySettings:
+    """The settings both proxies share (from :func:`add_common_proxy_args`)."""
+
+    address: tuple[str, int]
+    api_url: str
+    token: str = field(repr=False)
+    admin_address: tuple[str, int]
+    log_level: str
+
+
+def parse_proxy_argv(
+    parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapping[str, str]
+) -> tuple[argparse.Namespace, CommonProxySettings | None, Problems]:
+    """Parse a proxy's argv; validate the shared flags.
+
+    Returns the raw namespace (for the service's own flags), the shared settings (``None``
+    when any of them is invalid) and the problems found so far; the caller adds its own
+    and calls ``problems.raise_if_any()``.
+    """
+    try:
+        args, extra = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as exc:
+        raise SettingsError([str(exc)]) from None
+    problems = Problems()
+    for item in extra:
+        problems.add(f"unrecognized argument: {item}")
+    address = api_url = None
+    if problems.check(args.address is not None, "--address is required (HOST:PORT)"):
+        address = problems.capture(parse_host_port, args.address, what="--address")
+    if problems.check(args.api_url is not None, "--api-url is required (the routes URL)"):
+        api_url = problems.capture(parse_routes_url, args.api_url)
+    admin = problems.capture(parse_host_port, args.admin_address, what="--admin-address")
+    level = problems.capture(log_level, args.log_level)
+    token = problems.capture(read_token, env_var=TOKEN_ENV, token_file=args.api_token_file, env=env)
+    common = None
+    if None not in (address, api_url, admin, level, token):
+        common = CommonProxySettings(address, api_url, token, admin, level)  # type: ignore[arg-type]
+    return args, common, problems

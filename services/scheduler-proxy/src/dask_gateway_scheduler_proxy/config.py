@@ -8,19 +8,18 @@ stopping at the first; the CLI prints them and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from dask_gateway_common.settings import (
-    Problems,
+    TOKEN_ENV,
+    RaisingArgumentParser,
     SettingsError,
     add_common_proxy_args,
-    log_level,
     parse_host_port,
-    read_token,
+    parse_proxy_argv,
+    parse_seconds,
 )
 
 __all__ = [
@@ -37,9 +36,7 @@ __all__ = [
 PROG = "dask-gateway-scheduler-proxy"
 DEFAULT_HELLO_TIMEOUT = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
-MAX_TIMEOUT = 3600.0
 MAX_WORKERS = 64
-TOKEN_ENV = "DASK_GATEWAY_PROXY_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -57,16 +54,9 @@ class ProxySettings:
     workers: int = 1
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that raises instead of exiting on malformed argv."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise SettingsError([message])
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI parser; every value is a string, validated by :func:`load_settings`."""
-    parser = _Parser(
+    parser = RaisingArgumentParser(
         prog=PROG,
         description=(
             "TLS-SNI routing TCP proxy for Dask Gateway. Reads each connection's TLS "
@@ -74,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
             "and relays the still-encrypted bytes. The route table comes from the API's "
             f"route feed, authenticated with ${TOKEN_ENV} or --api-token-file."
         ),
-        exit_on_error=False,
     )
     add_common_proxy_args(parser)
     parser.add_argument(
@@ -105,16 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seconds(value: str, *, what: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{what}: expected a number of seconds, got {value!r}") from None
-    if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT:
-        raise ValueError(f"{what}: must be > 0 and <= {MAX_TIMEOUT:g} seconds, got {value!r}")
-    return seconds
-
-
 def _workers(value: str, *, platform: str) -> int:
     text = value.strip()
     if not text.isascii() or not text.isdigit():
@@ -127,24 +106,6 @@ def _workers(value: str, *, platform: str) -> int:
     return n
 
 
-def _api_url(value: str) -> str:
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"--api-url: not a valid URL: {value!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            "--api-url: expected the full routes URL, e.g. "
-            f"http://127.0.0.1:8000/api/v1/routes, got {value!r}"
-        )
-    if port == 0:
-        raise ValueError(f"--api-url: port 0 is not a valid port: {value!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError("--api-url: must not carry credentials, a query or a fragment")
-    return value
-
-
 def load_settings(
     argv: Sequence[str], env: Mapping[str, str], *, platform: str = sys.platform
 ) -> ProxySettings:
@@ -152,42 +113,20 @@ def load_settings(
 
     ``--help`` prints the help and raises ``SystemExit(0)`` as usual.
     """
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(list(argv))
-    except argparse.ArgumentError as exc:
-        raise SettingsError([str(exc)]) from None
-    problems = Problems()
-    for item in extra:
-        problems.add(f"unrecognized argument: {item}")
-
-    address = None
-    if problems.check(args.address is not None, "--address is required (HOST:PORT)"):
-        address = problems.capture(parse_host_port, args.address, what="--address")
-    api_url = None
-    if problems.check(args.api_url is not None, "--api-url is required (the routes URL)"):
-        api_url = problems.capture(_api_url, args.api_url)
-    admin = problems.capture(parse_host_port, args.admin_address, what="--admin-address")
-    level = problems.capture(log_level, args.log_level)
-    token = problems.capture(read_token, env_var=TOKEN_ENV, token_file=args.api_token_file, env=env)
+    args, common, problems = parse_proxy_argv(build_parser(), argv, env)
     forward = None
     if args.http_forward is not None:
         forward = problems.capture(parse_host_port, args.http_forward, what="--http-forward")
         if forward is not None and forward[1] == 0:
             problems.add("--http-forward: port 0 is not a valid destination")
-    hello = problems.capture(_seconds, args.hello_timeout, what="--hello-timeout")
-    connect = problems.capture(_seconds, args.connect_timeout, what="--connect-timeout")
+    hello = problems.capture(parse_seconds, args.hello_timeout, what="--hello-timeout")
+    connect = problems.capture(parse_seconds, args.connect_timeout, what="--connect-timeout")
     workers = problems.capture(_workers, args.workers, platform=platform)
     problems.raise_if_any()
-    assert address is not None and api_url is not None and admin is not None
-    assert level is not None and token is not None and hello is not None
+    assert common is not None and hello is not None
     assert connect is not None and workers is not None
     return ProxySettings(
-        address=address,
-        api_url=api_url,
-        token=token,
-        admin_address=admin,
-        log_level=level,
+        **vars(common),
         http_forward=forward,
         hello_timeout=hello,
         connect_timeout=connect,
