@@ -811,6 +811,7 @@ class Store:
     def expire_history(self) -> None:
         """Forget all watch history: any watch resuming from an older rv gets 410 Expired."""
         with self.lock:
+            self._rv += 1  # like a compaction: every version handed out so far is now too old
             for plural in self._history:
                 self._history[plural].clear()
                 self._window[plural] = self._rv
