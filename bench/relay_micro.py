@@ -65,7 +65,8 @@ def run_proxy(mode: str, target_port: int) -> None:
 
 
 def run_server(kind: str, tls_dir: str | None) -> None:
-    """bulk: threaded, 'U' = sink until EOF then reply the count, 'D'+8 bytes = source.
+    """bulk: threaded, 'U'+8 bytes = sink that many then reply the count, 'D'+8 bytes =
+    source.
     echo: one selector loop echoing everything."""
     lsock = socket.create_server(("127.0.0.1", 0), backlog=4096)
     print(lsock.getsockname()[1], flush=True)
@@ -102,8 +103,9 @@ def run_server(kind: str, tls_dir: str | None) -> None:
             conn = ctx.wrap_socket(conn, server_side=True)
         cmd = recv_exactly(conn, 1)
         if cmd == b"U":
+            want = int.from_bytes(recv_exactly(conn, 8), "big")
             total, buf = 0, bytearray(CHUNK)
-            while n := conn.recv_into(buf):
+            while total < want and (n := conn.recv_into(buf)):
                 total += n
             conn.sendall(total.to_bytes(8, "big"))
         else:
@@ -201,6 +203,14 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def user_sys(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of pid (all threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -249,15 +259,12 @@ def bulk(port: int, direction: str, nbytes: int, ctx: ssl.SSLContext | None) -> 
         conn = ctx.wrap_socket(conn, server_hostname="bench")
     start = time.perf_counter()
     if direction == "up":
-        conn.sendall(b"U")
+        conn.sendall(b"U" + nbytes.to_bytes(8, "big"))
         block = memoryview(bytes(CHUNK))
         left = nbytes
         while left:
             conn.sendall(block[: min(left, CHUNK)])
             left -= min(left, CHUNK)
-        if ctx is not None:
-            conn = conn.unwrap()  # close_notify: the server's recv sees EOF
-        conn.shutdown(socket.SHUT_WR)
         assert int.from_bytes(recv_exactly(conn, 8), "big") == nbytes
     else:
         conn.sendall(b"D" + nbytes.to_bytes(8, "big"))
@@ -342,15 +349,21 @@ def main() -> None:
                 runs = []
                 for _ in range(args.repeat):
                     c0 = cpu_ns(pids[0]) if pids else 0
+                    u0 = user_sys(pids[0]) if pids else (0.0, 0.0)
                     secs = bulk(bport, direction, nbytes, ctx)
-                    runs.append((secs, (cpu_ns(pids[0]) - c0) / 1e9 if pids else 0.0))
-                secs = statistics.median(r[0] for r in runs)
-                cpu = statistics.median(r[1] for r in runs)
+                    u1 = user_sys(pids[0]) if pids else (0.0, 0.0)
+                    cpu = (cpu_ns(pids[0]) - c0) / 1e9 if pids else 0.0
+                    runs.append((secs, cpu, u1[0] - u0[0], u1[1] - u0[1]))
+                secs, cpu, usr, sys_ = (statistics.median(col) for col in zip(*runs, strict=True))
                 mbs = nbytes / secs / 1e6
                 if mode == "direct":
                     direct[direction] = mbs
                 ratio = mbs / direct[direction] if direct.get(direction) else float("nan")
-                cpu_txt = f"{cpu / gib:10.3f}" if pids else f"{'-':>10}"
+                cpu_txt = (
+                    f"{cpu / gib:10.3f}  (user {usr / gib:.2f}, sys {sys_ / gib:.2f})"
+                    if pids
+                    else f"{'-':>10}"
+                )
                 print(f"{mode:8} {direction:5} {mbs:8.0f} {ratio:8.2f} {cpu_txt}", flush=True)
             for conns in args.conns:
                 samples = [rtt(eport, conns, args.seconds, pids) for _ in range(args.repeat)]

@@ -473,3 +473,26 @@ async def test_splice_mode_selection(
             await x.send_eof()
             await y.send_eof()
     assert len(created) == pipes
+
+
+@pytest.mark.parametrize("kind", ["copy", "auto", "trio-copy"])
+async def test_last_data_and_eof_arriving_together(kind: str) -> None:
+    """A FIN queued right behind the last bytes must still be seen (edge-triggered epoll
+    reports the FIN once; a read that stops short of it must not end the reading)."""
+    with trio.fail_after(DEADLINE):
+        for i in range(60):
+            x, y, run_relay = await make_setup(kind)
+            assert isinstance(x, trio.SocketStream)
+            async with running(run_relay), x, y:
+                await x.send_all(b"first")
+                assert await receive_exactly(y, 5) == b"first"
+                # the last bytes and the FIN back to back, without yielding in between
+                raw = socket.socket(fileno=x.socket.fileno())
+                try:
+                    assert raw.send(b"last") == 4
+                    raw.shutdown(socket.SHUT_WR)
+                finally:
+                    raw.detach()
+                assert await receive_exactly(y, 4) == b"last", i
+                assert await y.receive_some(10) == b"", i
+                await y.send_eof()

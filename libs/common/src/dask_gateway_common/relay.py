@@ -30,8 +30,12 @@ so an fd is never closed while the engine still watches it.
 Inside the engine:
 
 * Edge-triggered readiness is kept as two flags per direction: ``src_ready`` (set by an
-  EPOLLIN/RDHUP/HUP/ERR event, cleared only by EAGAIN) and ``dst_ok`` (set by EPOLLOUT,
-  cleared only by EAGAIN), so no event is ever lost between edges.
+  EPOLLIN/RDHUP/HUP/ERR event) and ``dst_ok`` (set by EPOLLOUT, cleared only by EAGAIN),
+  so no event is lost between edges. ``src_ready`` is cleared by EAGAIN, or by a short
+  read (fewer bytes than the buffer: the socket is drained and new data raises a new
+  edge), which saves one failing ``recv`` per small message; but never by a short read
+  once an event has reported RDHUP/HUP/ERR, because ``recv`` returns the data in front of
+  a queued FIN (or RST) without it, and that FIN raises no further edge.
 * Reads go into ONE buffer owned by the engine (the loop is single-threaded and a chunk is
   sent before the next read); only the unsent tail of a partial send is copied out, into
   that direction's ``pending``; reading that direction stops until it drains
@@ -451,6 +455,7 @@ _ABORT: Final = 2
 
 _EV_READ: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _EV_WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_EV_HUP: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _EV_REGISTER: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 
@@ -469,6 +474,7 @@ class _EngineDir:
         "pipe_w",
         "mode",
         "src_ready",
+        "src_hup",
         "dst_ok",
         "eof",
         "shut",
@@ -488,6 +494,7 @@ class _EngineDir:
         self.pipe_w = -1
         self.mode = mode
         self.src_ready = True  # optimistic until EAGAIN: costs one syscall, loses no edge
+        self.src_hup = False  # an event reported RDHUP/HUP/ERR on src (sticky)
         self.dst_ok = True
         self.eof = False
         self.shut = False
@@ -540,6 +547,13 @@ class _EngineDir:
                 except BlockingIOError:
                     self.src_ready = False
                     return False
+                if n < len(buf) and not self.src_hup:
+                    # A short read drained the socket, and data arriving later raises a
+                    # new edge: skipping the recv that would only say EAGAIN saves a
+                    # syscall and an exception per small message. Not once a FIN/RST has
+                    # been reported: recv stops short of a queued FIN (it is returned by
+                    # the next call) and that FIN will raise no further edge.
+                    self.src_ready = False
                 if n:
                     try:
                         sent = self.dst.send(view[:n])
@@ -662,16 +676,13 @@ class _Engine:
                 conn = conns.get(fd)
                 if conn is None:  # released earlier in this batch
                     continue
-                if fd == conn.fd_a:
-                    if events & _EV_READ:
-                        conn.up.src_ready = True
-                    if events & _EV_WRITE:
-                        conn.down.dst_ok = True
-                else:
-                    if events & _EV_READ:
-                        conn.down.src_ready = True
-                    if events & _EV_WRITE:
-                        conn.up.dst_ok = True
+                reader, writer = (conn.up, conn.down) if fd == conn.fd_a else (conn.down, conn.up)
+                if events & _EV_READ:
+                    reader.src_ready = True
+                    if events & _EV_HUP:
+                        reader.src_hup = True
+                if events & _EV_WRITE:
+                    writer.dst_ok = True
                 self._step(conn)
             if self._again:
                 again, self._again = self._again, []
