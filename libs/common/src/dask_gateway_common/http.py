@@ -7,9 +7,10 @@ Server: ``serve_http`` accepts connections with ``trio.serve_listeners`` and run
 keep-alive deadline while idle between requests, a header deadline once a request has
 started, a body deadline per read), builds a ``Request`` whose body is *pulled lazily* by
 the handler (``read_body`` buffers with a limit, ``iter_body`` streams), calls the handler,
-and writes its ``Response`` (bytes with Content-Length, or an async iterable sent chunked).
-A handler may instead return ``Upgrade``: the server sends the ``101`` and hands the raw
-stream plus any bytes already read to ``Upgrade.relay`` (websocket passthrough).
+and writes its ``Response`` (bytes with Content-Length, or an async iterable sent chunked,
+or with the Content-Length the handler gave). A handler may instead return ``Upgrade``:
+the server sends the ``101`` and hands the raw stream plus any bytes already read to
+``Upgrade.relay`` (websocket passthrough).
 
 Errors are translated here and only here: h11 protocol errors become 400/431, an oversized
 body 413, a slow request 408, a ``GatewayError`` its own status, anything else a logged 500
@@ -18,6 +19,30 @@ with a request id. All of them are ``{"error": message}`` JSON bodies.
 Client: ``open_http_connection`` gives an ``HTTPConnection`` (one request at a time,
 keep-alive when both sides allow it). ``HTTPClient`` pools idle connections per origin and
 retries once when a pooled connection turns out to have been closed by the peer.
+
+Fast paths (the web proxy moves every byte of a dashboard through here)
+-------------------------------------------------------------------------
+* I/O goes through ``_Wire``. On a plain ``trio.SocketStream`` it calls ``os.read`` /
+  ``os.write`` on the socket's (non-blocking) fd first and parks in ``wait_readable`` /
+  ``wait_writable`` only on EAGAIN; a deadline scope is created only then. A send that
+  completes at once does not yield to the scheduler (a receive does, like trio's own
+  sockets, so one busy connection cannot starve the others). TLS and in-memory streams go
+  through the ``trio.abc.Stream`` API.
+* A response with a bytes body goes out in one write: head, body and end of message.
+* Bodies framed by Content-Length bypass h11 (heads always go through h11):
+  - incoming (request body on the server, response body on the client): once h11's buffer
+    holds no more body bytes, the rest is read straight from the socket, at most the
+    bytes still due (never past the end of the message) and at most ``BODY_CHUNK`` per
+    read;
+  - outgoing (a streamed response body with a known length on the server, a streamed
+    request body with a Content-Length header on the client): chunks are written as they
+    come, counted against the declared length (too much or too little is a
+    ``h11.LocalProtocolError``, and the connection is not reused).
+  h11 then still believes that side is mid-body. When the exchange is complete and both
+  sides allow keep-alive, the connection gets a fresh ``h11.Connection`` (a new cycle,
+  exactly what ``start_next_cycle`` would give), fed with any pipelined bytes h11 had
+  buffered; otherwise the connection is closed. The keep-alive rule is h11's: HTTP/1.1
+  and no ``Connection: close`` on either message.
 """
 
 from __future__ import annotations
@@ -25,6 +50,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
@@ -41,6 +67,7 @@ from .errors import GatewayError
 log = logging.getLogger("dask_gateway.http")
 
 __all__ = [
+    "BODY_CHUNK",
     "ClientResponse",
     "HTTPClient",
     "HTTPConnection",
@@ -55,7 +82,14 @@ __all__ = [
     "serve_http_stream",
 ]
 
+#: Bytes asked of the socket while reading message heads (and bodies h11 frames).
 READ_CHUNK = 65536
+#: Bytes asked of the socket per read of a Content-Length body (the raw path).
+BODY_CHUNK = 256 * 1024
+# A bytes body up to this size is copied behind its head and sent in the same write.
+_COALESCE_MAX = 64 * 1024
+# Streaming loops yield to the scheduler at least once per this many chunks.
+_YIELD_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +111,12 @@ class Headers:
 
     def __init__(self, items: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(_text(k), _text(v)) for k, v in items]
+
+    @classmethod
+    def _from_h11(cls, items: Iterable[tuple[bytes, bytes]]) -> Headers:
+        headers = cls.__new__(cls)
+        headers._items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in items]
+        return headers
 
     def get(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
@@ -101,6 +141,38 @@ class Headers:
 
 def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes | bytearray) else value
+
+
+def _asks_to_close(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether h11-parsed headers carry ``Connection: close`` (h11's own rule)."""
+    for name, value in headers:
+        if name == b"connection" and b"close" in (t.strip().lower() for t in value.split(b",")):
+            return True
+    return False
+
+
+def _asks_to_close_text(headers: Iterable[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        if name.lower() == "connection" and "close" in (
+            t.strip().lower() for t in value.split(",")
+        ):
+            return True
+    return False
+
+
+def _length_framed(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length of an h11-parsed message whose body it frames, else None.
+
+    h11 has already checked the value (digits only, duplicates equal); Transfer-Encoding
+    takes precedence over Content-Length, as in h11.
+    """
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = int(value)
+    return length
 
 
 class _BodyTooLarge(Exception):
@@ -185,7 +257,8 @@ class Request:
 @dataclass
 class Response:
     """A response: ``body`` is bytes (sent with Content-Length) or an async iterable
-    (sent chunked, streamed until it ends or the client goes away)."""
+    (sent chunked, streamed until it ends or the client goes away; sent as is when the
+    headers give its Content-Length)."""
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
@@ -229,6 +302,110 @@ class _Timeout(Exception):
     pass
 
 
+# --------------------------------------------------------------------------- byte I/O
+
+
+def _broken(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if isinstance(exc, OSError) and exc.errno == 9:  # EBADF: closed under us
+        return trio.ClosedResourceError("the connection was closed")
+    return trio.BrokenResourceError(f"connection broken: {exc}")
+
+
+class _Wire:
+    """Receive and send on one connection; see "Fast paths" in the module docstring.
+
+    ``timeout`` bounds one call (``math.inf``: no bound); it raises ``trio.TooSlowError``.
+    Peer failures raise ``trio.BrokenResourceError``, use after close
+    ``trio.ClosedResourceError``, as trio's streams do.
+    """
+
+    __slots__ = ("_sock", "stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._sock = stream.socket if type(stream) is trio.SocketStream else None
+
+    def _fd(self) -> int:
+        assert self._sock is not None
+        fd = self._sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection was closed")
+        return fd
+
+    async def receive(self, max_bytes: int, timeout: float = math.inf) -> bytes:
+        if self._sock is None:
+            return await self._stream_receive(max_bytes, timeout)
+        fd = self._fd()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _broken(exc) from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    return os.read(fd, max_bytes)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise _broken(exc) from exc
+        raise trio.TooSlowError
+
+    async def _stream_receive(self, max_bytes: int, timeout: float) -> bytes:
+        if timeout == math.inf:
+            return await self.stream.receive_some(max_bytes)
+        with trio.fail_after(timeout):
+            return await self.stream.receive_some(max_bytes)
+
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, timeout: float = math.inf
+    ) -> None:
+        if self._sock is None:
+            if timeout == math.inf:
+                await self.stream.send_all(data)
+            else:
+                with trio.fail_after(timeout):
+                    await self.stream.send_all(data)
+            return
+        fd = self._fd()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not data:
+            return
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _broken(exc) from exc
+        if sent < len(data):
+            await self._send_rest(fd, data, sent, timeout)
+
+    async def _send_rest(
+        self, fd: int, data: bytes | bytearray | memoryview, sent: int, timeout: float
+    ) -> None:
+        with memoryview(data) as view:
+            with trio.CancelScope(deadline=trio.current_time() + timeout):
+                while sent < len(view):
+                    await trio.lowlevel.wait_writable(fd)
+                    try:
+                        sent += os.write(fd, view[sent:])
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        raise _broken(exc) from exc
+                return
+        raise trio.TooSlowError
+
+
+# --------------------------------------------------------------------------- server
+
+
 class _ServerConnection:
     def __init__(
         self,
@@ -243,33 +420,52 @@ class _ServerConnection:
         self.limits = limits
         self.client = client
         self.scheme = scheme
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.wire = _Wire(stream)
+        self.conn = self._new_h11()
+        self._new_cycle_state()
+
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+
+    def _new_cycle_state(self) -> None:
+        # Request body bytes still due when it is framed by Content-Length (None: it is
+        # not, or it must go through h11: chunked, upgrade, CONNECT).
+        self._body_left: int | None = None
+        self._raw_in = False  # the request body is being read around h11
+        self._raw_out = False  # the response body was sent around h11
+        self._keep_alive = True
 
     async def _next_event(self, timeout: float) -> Any:
         """Next h11 event, all of it within ``timeout`` seconds."""
-        with trio.move_on_after(timeout):
-            while True:
-                event = self.conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
-                self.conn.receive_data(await self.stream.receive_some(READ_CHUNK))
-        raise _Timeout
+        event = self.conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        deadline = trio.current_time() + timeout
+        while True:
+            try:
+                data = await self.wire.receive(READ_CHUNK, deadline - trio.current_time())
+            except trio.TooSlowError:
+                raise _Timeout from None
+            self.conn.receive_data(data)
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
 
     async def _wait_for_request_start(self) -> bool:
         """Wait (up to the keep-alive timeout) for the first byte of the next request."""
         if self.conn.trailing_data[0]:
             return True
-        with trio.move_on_after(self.limits.keepalive_timeout):
-            data = await self.stream.receive_some(READ_CHUNK)
-            self.conn.receive_data(data)
-            return bool(data)
-        return False
+        try:
+            data = await self.wire.receive(READ_CHUNK, self.limits.keepalive_timeout)
+        except trio.TooSlowError:
+            return False
+        self.conn.receive_data(data)
+        return bool(data)
 
     async def _send(self, event: Any) -> None:
         data = self.conn.send(event)
         if data:
-            with trio.fail_after(self.limits.send_timeout):
-                await self.stream.send_all(data)
+            await self.wire.send_all(data, self.limits.send_timeout)
 
     async def run(self) -> None:
         while True:
@@ -299,32 +495,75 @@ class _ServerConnection:
             if head_size > self.limits.max_header_bytes:
                 await self._send_error_and_close(431, "Request headers too large")
                 return
+            self._start_cycle(event)
             keep_going = await self._handle(event)
             if not keep_going:
                 return
 
+    def _start_cycle(self, event: h11.Request) -> None:
+        self._new_cycle_state()
+        headers = event.headers
+        self._keep_alive = event.http_version >= b"1.1" and not _asks_to_close(headers)
+        if (
+            self.conn.their_state is h11.SEND_BODY
+            and event.method != b"CONNECT"
+            and not any(name == b"upgrade" for name, _ in headers)
+        ):
+            self._body_left = _length_framed(headers)
+
+    def _their_body_pending(self) -> bool:
+        if self._raw_in:
+            return bool(self._body_left)
+        return self.conn.their_state is h11.SEND_BODY
+
     async def _receive_body_chunk(self) -> bytes | None:
-        if self.conn.their_state is not h11.SEND_BODY:
+        if self._raw_in:
+            return await self._receive_raw_body()
+        conn = self.conn
+        if conn.their_state is not h11.SEND_BODY:
             return None
-        if self.conn.they_are_waiting_for_100_continue:
+        if conn.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         try:
-            event = await self._next_event(self.limits.body_timeout)
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if self._body_left:
+                    # h11 has handed out everything it buffered: the rest comes straight
+                    # from the socket.
+                    self._raw_in = True
+                    return await self._receive_raw_body()
+                event = await self._next_event(self.limits.body_timeout)
         except _Timeout:
             raise GatewayError("Timed out reading the request body", status=408) from None
         except h11.RemoteProtocolError as exc:
             raise GatewayError(f"Malformed request body: {exc}", status=400) from None
         if isinstance(event, h11.Data):
-            return bytes(event.data)
+            data = bytes(event.data)
+            if self._body_left is not None:
+                self._body_left -= len(data)
+            return data
         if isinstance(event, h11.EndOfMessage):
             return None
         raise GatewayError("Connection closed while reading the request body", status=400)
+
+    async def _receive_raw_body(self) -> bytes | None:
+        left = self._body_left
+        if not left:
+            return None
+        try:
+            data = await self.wire.receive(min(left, BODY_CHUNK), self.limits.body_timeout)
+        except trio.TooSlowError:
+            raise GatewayError("Timed out reading the request body", status=408) from None
+        if not data:
+            raise GatewayError("Connection closed while reading the request body", status=400)
+        self._body_left = left - len(data)
+        return data
 
     async def _handle(self, event: h11.Request) -> bool:
         request = Request(
             method=event.method.decode("ascii", "replace"),
             target=event.target.decode("latin-1"),
-            headers=Headers(event.headers),
+            headers=Headers._from_h11(event.headers),
             client=self.client,
             http_version=event.http_version.decode("ascii", "replace"),
             scheme=self.scheme,
@@ -364,40 +603,87 @@ class _ServerConnection:
                 given_length = value
             else:
                 headers.append((name, value))
-        streaming = not isinstance(response.body, bytes | bytearray)
+        body = response.body
+        streaming = not isinstance(body, bytes | bytearray)
         no_body = request.method == "HEAD" or response.status in (204, 304)
         if not streaming and request.method != "HEAD" and response.status != 204:
-            headers.append(("Content-Length", str(len(response.body))))  # type: ignore[arg-type]
+            headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
         elif given_length is not None and response.status != 204:
             # A streamed body (or a HEAD answer) of a size the handler knows, e.g. a
-            # proxied response: keep it; h11 checks that the body matches it.
+            # proxied response: keep it; its body must match it.
             headers.append(("Content-Length", given_length))
         elif not streaming and request.method == "HEAD":
-            headers.append(("Content-Length", str(len(response.body))))  # type: ignore[arg-type]
-        await self._send(h11.Response(status_code=response.status, headers=headers))
+            headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
+        if _asks_to_close_text(headers):
+            self._keep_alive = False
+        conn = self.conn
+        head = conn.send(h11.Response(status_code=response.status, headers=headers))
+        timeout = self.limits.send_timeout
         if no_body:
-            if streaming and hasattr(response.body, "aclose"):
-                await response.body.aclose()  # type: ignore[union-attr]
-        elif streaming:
-            body = response.body
-            try:
-                async for chunk in body:  # type: ignore[union-attr]
-                    if chunk:
-                        await self._send(h11.Data(data=chunk))
-            finally:
-                if hasattr(body, "aclose"):
-                    with trio.CancelScope(shield=True):
-                        await body.aclose()  # type: ignore[union-attr]
-        elif response.body:
-            await self._send(h11.Data(data=response.body))
+            if streaming and hasattr(body, "aclose"):
+                await body.aclose()  # type: ignore[union-attr]
+            await self.wire.send_all(head + conn.send(h11.EndOfMessage()), timeout)
+        elif not streaming:
+            data = conn.send(h11.Data(data=body)) if body else b""
+            tail = conn.send(h11.EndOfMessage())
+            if len(data) <= _COALESCE_MAX:
+                await self.wire.send_all(head + data + tail, timeout)
+            else:
+                await self.wire.send_all(head, timeout)
+                await self.wire.send_all(data, timeout)
+                await self.wire.send_all(tail, timeout)
+        elif given_length is not None:
+            await self.wire.send_all(head, timeout)
+            await self._send_raw_body(body, int(given_length))  # type: ignore[arg-type]
+        else:
+            await self.wire.send_all(head, timeout)
+            await self._send_chunked_body(body)  # type: ignore[arg-type]
+
+    async def _send_raw_body(self, body: AsyncIterable[bytes], length: int) -> None:
+        """Send a streamed body of a declared length around h11 (see the module doc)."""
+        sent = 0
+        count = 0
+        timeout = self.limits.send_timeout
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                if sent > length:
+                    raise h11.LocalProtocolError("Too much data for declared Content-Length")
+                await self.wire.send_all(chunk, timeout)
+                count += 1
+                if count % _YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if hasattr(body, "aclose"):
+                with trio.CancelScope(shield=True):
+                    await body.aclose()
+        if sent != length:
+            raise h11.LocalProtocolError("Too little data for declared Content-Length")
+        self._raw_out = True
+
+    async def _send_chunked_body(self, body: AsyncIterable[bytes]) -> None:
+        count = 0
+        try:
+            async for chunk in body:
+                if chunk:
+                    await self._send(h11.Data(data=chunk))
+                    count += 1
+                    if count % _YIELD_EVERY == 0:
+                        await trio.lowlevel.checkpoint()
+        finally:
+            if hasattr(body, "aclose"):
+                with trio.CancelScope(shield=True):
+                    await body.aclose()
         await self._send(h11.EndOfMessage())
 
     async def _finish_cycle(self) -> bool:
         """Drain what is left of the request body, then get ready for the next request."""
-        if self.conn.our_state is h11.MUST_CLOSE:
+        if not (self._raw_out or self.conn.our_state is h11.DONE):
             return False
         drained = 0
-        while self.conn.their_state is h11.SEND_BODY:
+        while self._their_body_pending():
             try:
                 chunk = await self._receive_body_chunk()
             except GatewayError:
@@ -407,10 +693,22 @@ class _ServerConnection:
             drained += len(chunk)
             if drained > self.limits.max_body_bytes:
                 return False
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-            return True
-        return False
+        conn = self.conn
+        if not (self._raw_in or self._raw_out):
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                return True
+            return False
+        # A body went around h11, whose state machine is stale on that side: start a
+        # fresh one, as start_next_cycle would, when the exchange is complete.
+        their_done = self._body_left == 0 if self._raw_in else conn.their_state is h11.DONE
+        if not (their_done and self._keep_alive):
+            return False
+        pipelined = b"" if self._raw_in else conn.trailing_data[0]
+        self.conn = self._new_h11()
+        if pipelined:
+            self.conn.receive_data(pipelined)
+        return True
 
     async def _upgrade(self, upgrade: Upgrade) -> bool:
         try:
@@ -441,14 +739,14 @@ class _ServerConnection:
         """Closing with a request body still unread would make the kernel reset the
         connection, and the client (or a proxy in front of us) could lose the answer we
         just sent. So half-close, and read and discard for a bounded while first."""
-        if self.conn.their_state is not h11.SEND_BODY:
+        if not self._their_body_pending():
             return
         with trio.move_on_after(timeout):
             if isinstance(self.stream, trio.abc.HalfCloseableStream):
                 await self.stream.send_eof()
             drained = 0
             while drained < max_bytes:
-                data = await self.stream.receive_some(READ_CHUNK)
+                data = await self.stream.receive_some(BODY_CHUNK)
                 if not data:
                     break
                 drained += len(data)
@@ -457,15 +755,18 @@ class _ServerConnection:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         response = Response.error(status, message, [("Connection", "close")])
+        body = response.body
+        assert isinstance(body, bytes)
         try:
-            await self._send(
+            data = self.conn.send(
                 h11.Response(
                     status_code=status,
-                    headers=[*response.headers, ("Content-Length", str(len(response.body)))],
+                    headers=[*response.headers, ("Content-Length", str(len(body)))],
                 )
             )
-            await self._send(h11.Data(data=response.body))
-            await self._send(h11.EndOfMessage())
+            data += self.conn.send(h11.Data(data=body))
+            data += self.conn.send(h11.EndOfMessage())
+            await self.wire.send_all(data, self.limits.send_timeout)
         except (h11.LocalProtocolError, trio.BrokenResourceError, trio.TooSlowError):
             pass
         except trio.ClosedResourceError:
@@ -558,24 +859,28 @@ class ClientResponse:
         self._connection = connection
         self.status: int = event.status_code
         self.reason: str = event.reason.decode("latin-1")
-        self.headers = Headers(event.headers)
+        self.headers = Headers._from_h11(event.headers)
         self.http_version = event.http_version.decode("ascii", "replace")
         self.body: bytes = b""
         self.upgraded_stream: trio.abc.Stream | None = None
         self.trailing: bytes = b""
+        self._finished = False
+        #: The body's size when Content-Length frames it (None: chunked, read to the
+        #: close, or no body by definition, as for HEAD, 204 and 304).
+        self.content_length: int | None = connection._body_left
 
     async def iter_body(self, timeout: float | None = None) -> AsyncIterator[bytes]:
         """Stream the body; ``timeout`` bounds each read (not the whole body)."""
+        if self._finished:
+            return
+        connection = self._connection
+        limit = math.inf if timeout is None else timeout
         while True:
-            event = await self._connection._next_event(timeout)
-            if isinstance(event, h11.Data):
-                if event.data:
-                    yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._connection._response_done()
+            chunk = await connection._receive_body_chunk(limit)
+            if chunk is None:
+                self._finished = True
                 return
-            else:
-                raise trio.BrokenResourceError(f"Connection ended mid-body ({event!r})")
+            yield chunk
 
     async def read(self, limit: int | None = None, timeout: float | None = None) -> bytes:
         parts: list[bytes] = []
@@ -600,23 +905,79 @@ class HTTPConnection:
         self.host_header = host_header
         self.conn = h11.Connection(h11.CLIENT)
         self.requests_sent = 0
+        self._wire = _Wire(stream)
+        self._new_cycle_state()
+
+    def _new_cycle_state(self, method: str = "GET") -> None:
+        self._method = method
+        # Response body bytes still due when Content-Length frames it (None: it does not).
+        self._body_left: int | None = None
+        self._raw_in = False  # the response body is being read around h11
+        self._raw_out = False  # the request body was sent around h11
+        self._keep_alive = True
 
     @property
     def reusable(self) -> bool:
         return self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE
 
     async def _next_event(self, timeout: float | None) -> Any:
+        event = self.conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        limit = math.inf if timeout is None else timeout
         while True:
+            self.conn.receive_data(await self._wire.receive(READ_CHUNK, limit))
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            with trio.fail_after(timeout if timeout is not None else float("inf")):
-                data = await self.stream.receive_some(READ_CHUNK)
-            self.conn.receive_data(data)
+
+    async def _receive_body_chunk(self, timeout: float) -> bytes | None:
+        """The next piece of the response body; None at its end."""
+        if self._raw_in:
+            return await self._receive_raw_body(timeout)
+        event = self.conn.next_event()
+        if event is h11.NEED_DATA:
+            if self._body_left:
+                # h11 has handed out everything it buffered: the rest comes straight
+                # from the socket.
+                self._raw_in = True
+                return await self._receive_raw_body(timeout)
+            event = await self._next_event(timeout)
+        if isinstance(event, h11.Data):
+            data = bytes(event.data)
+            if self._body_left is not None:
+                self._body_left -= len(data)
+            return data
+        if isinstance(event, h11.EndOfMessage):
+            self._response_done()
+            return None
+        raise trio.BrokenResourceError(f"Connection ended mid-body ({event!r})")
+
+    async def _receive_raw_body(self, timeout: float) -> bytes | None:
+        left = self._body_left
+        if not left:
+            self._response_done()
+            return None
+        data = await self._wire.receive(min(left, BODY_CHUNK), timeout)
+        if not data:
+            raise trio.BrokenResourceError("Connection ended mid-body")
+        self._body_left = left - len(data)
+        return data
 
     def _response_done(self) -> None:
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
+        conn = self.conn
+        if not (self._raw_in or self._raw_out):
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            return
+        # A body went around h11, whose state machine is stale on that side: start a
+        # fresh one, as start_next_cycle would, when the exchange is complete. Otherwise
+        # the stale states keep the connection from being reused.
+        our_done = self._raw_out or conn.our_state is h11.DONE
+        their_done = self._body_left == 0 if self._raw_in else conn.their_state is h11.DONE
+        if our_done and their_done and self._keep_alive and not conn.trailing_data[0]:
+            self.conn = h11.Connection(h11.CLIENT)
+            self._new_cycle_state()
 
     async def request(
         self,
@@ -626,8 +987,15 @@ class HTTPConnection:
         body: bytes | AsyncIterable[bytes] = b"",
         *,
         response_timeout: float | None = None,
+        send_timeout: float | None = None,
     ) -> ClientResponse:
-        """Send a request and return once the response head has arrived."""
+        """Send a request and return once the response head has arrived.
+
+        A streamed ``body`` is sent as is when ``headers`` give its Content-Length (it
+        must match), chunked otherwise. ``send_timeout`` bounds each write (an upstream
+        that stops reading), ``response_timeout`` each read of the response head; both
+        raise ``trio.TooSlowError``.
+        """
         headers = list(headers)
         names = {k.lower() for k, _ in headers}
         if "host" not in names:
@@ -638,19 +1006,36 @@ class HTTPConnection:
             and "content-length" not in names
             and (body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"))
         ):
-            headers.append(("Content-Length", str(len(body))))
+            headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
         elif streaming and "content-length" not in names and "transfer-encoding" not in names:
             headers.append(("Transfer-Encoding", "chunked"))
+        self._new_cycle_state(method)
+        self._keep_alive = not _asks_to_close_text(headers)
         self.requests_sent += 1
-        await self._send(h11.Request(method=method, target=target, headers=headers))
+        conn = self.conn
+        head = conn.send(h11.Request(method=method, target=target, headers=headers))
+        wire = self._wire
+        limit = math.inf if send_timeout is None else send_timeout
         try:
-            if streaming:
+            if not streaming:
+                data = conn.send(h11.Data(data=body)) if body else b""
+                tail = conn.send(h11.EndOfMessage())
+                if len(data) <= _COALESCE_MAX:
+                    await wire.send_all(head + data + tail, limit)
+                else:
+                    await wire.send_all(head, limit)
+                    await wire.send_all(data, limit)
+                    await wire.send_all(tail, limit)
+            elif "content-length" in names and "transfer-encoding" not in names:
+                await wire.send_all(head, limit)
+                length = next(int(v) for k, v in headers if k.lower() == "content-length")
+                await self._send_raw_body(body, length, limit)  # type: ignore[arg-type]
+            else:
+                await wire.send_all(head, limit)
                 async for chunk in body:  # type: ignore[union-attr]
                     if chunk:
-                        await self._send(h11.Data(data=chunk))
-            elif body:
-                await self._send(h11.Data(data=body))
-            await self._send(h11.EndOfMessage())
+                        await self._send(h11.Data(data=chunk), limit)
+                await self._send(h11.EndOfMessage(), limit)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The server may have answered early (413, 401...) and closed: its answer,
             # if it reached us, is worth more than the broken pipe.
@@ -663,6 +1048,21 @@ class HTTPConnection:
             raise
         return await self._receive_response_head(response_timeout)
 
+    async def _send_raw_body(self, body: AsyncIterable[bytes], length: int, timeout: float) -> None:
+        """Send a streamed body of a declared length around h11 (see the module doc)."""
+        sent = 0
+        wire = self._wire
+        async for chunk in body:
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if sent > length:
+                raise h11.LocalProtocolError("Too much data for declared Content-Length")
+            await wire.send_all(chunk, timeout)
+        if sent != length:
+            raise h11.LocalProtocolError("Too little data for declared Content-Length")
+        self._raw_out = True
+
     async def _receive_response_head(self, response_timeout: float | None) -> ClientResponse:
         while True:
             event = await self._next_event(response_timeout)
@@ -674,13 +1074,25 @@ class HTTPConnection:
                     return response
                 continue  # 100 Continue and friends
             if isinstance(event, h11.Response):
+                self._start_response(event)
                 return ClientResponse(self, event)
             raise trio.BrokenResourceError(f"Connection closed before a response ({event!r})")
 
-    async def _send(self, event: Any) -> None:
+    def _start_response(self, event: h11.Response) -> None:
+        headers = event.headers
+        if event.http_version < b"1.1" or _asks_to_close(headers):
+            self._keep_alive = False
+        if (
+            self.conn.their_state is h11.SEND_BODY
+            and self._method not in ("HEAD", "CONNECT")
+            and event.status_code not in (204, 304)
+        ):
+            self._body_left = _length_framed(headers)
+
+    async def _send(self, event: Any, timeout: float = math.inf) -> None:
         data = self.conn.send(event)
         if data:
-            await self.stream.send_all(data)
+            await self._wire.send_all(data, timeout)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)

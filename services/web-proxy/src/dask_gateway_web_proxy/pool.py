@@ -18,7 +18,6 @@ or closed by the peer, so half-dead sockets do not linger.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 from collections import OrderedDict
@@ -150,13 +149,13 @@ def connection_is_open(connection: HTTPConnection) -> bool:
     sock = getattr(inner, "socket", None)
     if sock is None:
         return True  # not a socket (tests with memory streams): assume open
-    try:
-        fd = sock.fileno()
-        if fd < 0:
-            return False
-        probe = socket.socket(fileno=os.dup(fd))
-    except OSError:
+    fd = sock.fileno()
+    if fd < 0:
         return False
+    # A stdlib socket object over the same fd, only to peek: detached (never closed)
+    # afterwards, the trio socket owns the fd. Family and type are given so nothing is
+    # asked of the kernel but the peek itself.
+    probe = socket.socket(sock.family, sock.type, sock.proto, fd)
     try:
         data = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
@@ -164,7 +163,7 @@ def connection_is_open(connection: HTTPConnection) -> bool:
     except OSError:
         return False
     finally:
-        probe.close()
+        probe.detach()
     return bool(data) and tls
 
 
@@ -175,8 +174,8 @@ class UpstreamPool:
         self,
         *,
         connect_timeout: float = 10.0,
-        max_idle_per_origin: int = 16,
-        max_idle_total: int = 256,
+        max_idle_per_origin: int = 128,
+        max_idle_total: int = 1024,
         idle_lifetime: float = 60.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:

@@ -32,11 +32,11 @@ query strings or headers, which may carry secrets).
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
@@ -71,6 +71,9 @@ __all__ = ["ProxyTimeouts", "WebProxy", "default_limits", "serve_web_proxy"]
 
 log = logging.getLogger("dask_gateway.web_proxy")
 
+# A response body of known size up to this is read whole and answered in one write.
+SMALL_BODY = 64 * 1024
+
 _UPSTREAM_ERRORS = (
     OSError,
     ssl.SSLError,
@@ -88,8 +91,9 @@ class ProxyTimeouts:
     response: float = 60.0
     # Longest silence allowed while streaming a response body from an upstream.
     body_idle: float = 300.0
-    # Longest time one request-body chunk may take (read from the client + written
-    # upstream); bounds an upstream that stops reading an upload.
+    # Longest time one write to the upstream may take: bounds an upstream that stops
+    # reading an upload (a client that stops sending is bounded by the listener's
+    # body_timeout).
     upload_idle: float = 120.0
 
 
@@ -133,6 +137,10 @@ class WebProxy:
         self.metrics = metrics
         self._router = Router()
         self._router_version = -1
+        # Labelled children looked up once, not per request.
+        self._by_code: dict[int, Any] = {}
+        self._bytes_up = metrics.bytes_total.labels(direction="up") if metrics else None
+        self._bytes_down = metrics.bytes_total.labels(direction="down") if metrics else None
 
     # -- routing ---------------------------------------------------------------------
     @property
@@ -158,22 +166,22 @@ class WebProxy:
         return response
 
     def _count(self, status: int) -> None:
-        if self.metrics is not None:
-            self.metrics.http_requests_total.labels(code=str(status)).inc()
+        if self.metrics is None:
+            return
+        child = self._by_code.get(status)
+        if child is None:
+            child = self._by_code[status] = self.metrics.http_requests_total.labels(
+                code=str(status)
+            )
+        child.inc()
 
-    def _count_bytes(self, direction: str, count: int) -> None:
-        if self.metrics is not None:
-            self.metrics.bytes_total.labels(direction=direction).inc(count)
-
-    async def _counted_upload(
-        self, request: Request, deadline: trio.CancelScope
-    ) -> AsyncGenerator[bytes, None]:
+    async def _counted_upload(self, request: Request) -> AsyncGenerator[bytes, None]:
+        counter = self._bytes_up
         async with aclosing(request.iter_body()) as chunks:
             async for chunk in chunks:
-                self._count_bytes("up", len(chunk))
+                if counter is not None:
+                    counter.inc(len(chunk))
                 yield chunk
-                deadline.deadline = trio.current_time() + self.timeouts.upload_idle
-        deadline.deadline = math.inf
 
     async def _handle(self, request: Request) -> Response | Upgrade:
         split = origin_form(request.target)
@@ -184,9 +192,10 @@ class WebProxy:
         if matched is None:
             return _text(404, "Not Found")
         route, remainder = matched
-        upgrade = is_upgrade_request(request.headers.items())
+        items = request.headers.items()
+        upgrade = is_upgrade_request(items)
         headers = rewrite_request_headers(
-            request.headers.items(),
+            items,
             authority=route.target.authority,
             client_ip=request.client[0] if request.client else None,
             proto=request.scheme,
@@ -194,6 +203,7 @@ class WebProxy:
         )
         target = upstream_target(route.target, remainder, query)
         has_body = _has_body(request)
+        timeouts = self.timeouts
         # A request without body can be retried once on a fresh connection.
         for attempt in (1, 2):
             try:
@@ -203,50 +213,38 @@ class WebProxy:
                     "Upstream %s for %s unreachable: %s", route.target.authority, route.path, exc
                 )
                 return _text(502, "Bad Gateway")
-            with trio.CancelScope() as sending:
-                # Pushed forward by every upload chunk, lifted once the body is sent (the
-                # response head then has its own deadline inside ``request``).
-                sending.deadline = trio.current_time() + self.timeouts.upload_idle
-                if not has_body:
-                    sending.deadline += self.timeouts.response
-                upload = self._counted_upload(request, sending) if has_body else None
-                try:
-                    upstream = await connection.request(
-                        request.method,
-                        target,
-                        headers,
-                        b"" if upload is None else upload,
-                        response_timeout=self.timeouts.response,
-                    )
-                except trio.TooSlowError:
-                    await connection.aclose()
-                    log.info("Upstream %s for %s timed out", route.target.authority, route.path)
-                    return _text(504, "Gateway Timeout")
-                except GatewayError:
-                    # the *client* failed while we streamed its body upstream
-                    await connection.aclose()
-                    raise
-                except _UPSTREAM_ERRORS as exc:
-                    await connection.aclose()
-                    if reused and not has_body and attempt == 1:
-                        continue
-                    log.info(
-                        "Upstream %s for %s failed: %s", route.target.authority, route.path, exc
-                    )
-                    return _text(502, "Bad Gateway")
-                except BaseException:
-                    await connection.aclose()
-                    raise
-                finally:
-                    if upload is not None:
-                        await upload.aclose()
-            if sending.cancelled_caught:
-                log.info(
-                    "Upstream %s for %s stopped reading the request",
-                    route.target.authority,
-                    route.path,
+            upload = self._counted_upload(request) if has_body else None
+            try:
+                # Each write upstream may take upload_idle (an upstream that stops
+                # reading); each read of the response head, the response timeout.
+                upstream = await connection.request(
+                    request.method,
+                    target,
+                    headers,
+                    b"" if upload is None else upload,
+                    response_timeout=timeouts.response,
+                    send_timeout=timeouts.upload_idle,
                 )
+            except trio.TooSlowError:
+                await connection.aclose()
+                log.info("Upstream %s for %s timed out", route.target.authority, route.path)
                 return _text(504, "Gateway Timeout")
+            except GatewayError:
+                # the *client* failed while we streamed its body upstream
+                await connection.aclose()
+                raise
+            except _UPSTREAM_ERRORS as exc:
+                await connection.aclose()
+                if reused and not has_body and attempt == 1:
+                    continue
+                log.info("Upstream %s for %s failed: %s", route.target.authority, route.path, exc)
+                return _text(502, "Bad Gateway")
+            except BaseException:
+                await connection.aclose()
+                raise
+            finally:
+                if upload is not None:
+                    await upload.aclose()
             return await self._respond(request, route, connection, upstream, upgrade)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -281,6 +279,25 @@ class WebProxy:
                 await self.pool.release(origin, connection)
             # serve_http keeps the upstream's Content-Length on a HEAD answer.
             return Response(upstream.status, headers, b"")
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY:
+            # Small and of known size: read it whole (bounded memory), free the upstream
+            # connection at once, and answer in one write.
+            try:
+                body = await upstream.read(timeout=self.timeouts.body_idle)
+            except (*_UPSTREAM_ERRORS, trio.TooSlowError) as exc:
+                await connection.aclose()
+                log.info(
+                    "Upstream %s for %s broke off the response: %s",
+                    route.target.authority,
+                    route.path,
+                    exc,
+                )
+                return _text(502, "Bad Gateway")
+            await self.pool.release(origin, connection)
+            if self._bytes_down is not None:
+                self._bytes_down.inc(len(body))
+            return Response(upstream.status, headers, body)
         return Response(
             upstream.status,
             headers,
@@ -295,11 +312,13 @@ class WebProxy:
         route: ProxyRoute,
     ) -> AsyncIterator[bytes]:
         complete = False
+        counter = self._bytes_down
         try:
             try:
                 async with aclosing(upstream.iter_body(self.timeouts.body_idle)) as chunks:
                     async for chunk in chunks:
-                        self._count_bytes("down", len(chunk))
+                        if counter is not None:
+                            counter.inc(len(chunk))
                         yield chunk
                 complete = True
             except (*_UPSTREAM_ERRORS, trio.TooSlowError) as exc:
