@@ -216,6 +216,21 @@ def test_classic_jupyterhub_config() -> None:
         ),
     )
     assert custom.api_config()["auth"]["jupyterhub_api_url"] == "http://hub.jhub:8081/hub/api"
+    scoped = render(
+        UMBRELLA,
+        merge(
+            CLASSIC,
+            {
+                "gateway": {
+                    "auth": {"jupyterhub": {"serviceName": "dask-gateway"}},
+                    "extraConfig": {"auth": {"jupyterhub_cache_ttl": 30}},
+                }
+            },
+        ),
+    ).api_config()["auth"]
+    assert scoped["jupyterhub_service_name"] == "dask-gateway"
+    assert scoped["jupyterhub_cache_ttl"] == 30  # extraConfig merges into the section
+    assert scoped["jupyterhub_api_url"] == "http://hub:8081/hub/api"
 
 
 def test_simple_password_and_encrypt_keys_reach_the_api_from_the_secret() -> None:
@@ -360,6 +375,11 @@ def test_pods_are_locked_down(scenario: str) -> None:
             assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], name
+        # Secret files are root-owned with group fsGroup: the group must be able to read.
+        assert spec["securityContext"]["fsGroup"] == 1000, name
+        for volume in volumes.values():
+            if "secret" in volume:
+                assert volume["secret"]["defaultMode"] & 0o040, (name, volume["name"])
             resources = container["resources"]
             assert resources["requests"]["cpu"] and resources["requests"]["memory"], name
             assert resources["limits"]["cpu"] and resources["limits"]["memory"], name
