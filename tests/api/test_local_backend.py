@@ -16,6 +16,8 @@ import trio
 
 from dask_gateway_api.backends import BackendError, ClusterLaunch
 from dask_gateway_api.backends.local import (
+    _proc_starttime,
+    boot_id,
     cmdline_matches,
     default_scheduler_cmd,
     open_local_backend,
@@ -162,11 +164,19 @@ def test_same_process_alive_rejects_bad_states() -> None:
     assert same_process_alive({"pid": me})
     assert not same_process_alive({"pid": me, "starttime": -1})  # recycled pid
     assert not same_process_alive({"pid": me, "argv_tail": ["definitely-not-me"]})
+    # With a start time, identity no longer depends on the command line (which a process
+    # may rewrite, e.g. setproctitle), but a different boot is never the same process.
+    me_state = {"pid": me, "starttime": _proc_starttime(me), "argv_tail": ["rewritten"]}
+    assert same_process_alive(me_state)
+    assert same_process_alive(dict(me_state, boot_id=boot_id()))
+    assert not same_process_alive(dict(me_state, boot_id="another-boot"))
 
 
 async def test_start_files_liveness_and_stop(tmp_path) -> None:
     with trio.fail_after(15):
-        async with open_local_backend(tmp_path / "clusters", stop_grace=2) as backend:
+        async with open_local_backend(
+            tmp_path / "clusters", stop_grace=2, fork_server=False
+        ) as backend:
             launch = make_launch()
             state = await backend.start_scheduler(launch)
             workdir = tmp_path / "clusters" / "abc123"
@@ -181,6 +191,7 @@ async def test_start_files_liveness_and_stop(tmp_path) -> None:
             assert "s3cret" not in repr(launch)
             assert backend.is_alive(state)
             assert isinstance(state["starttime"], int)
+            assert state["boot_id"] == boot_id() and boot_id()
             # It runs in its own session, away from the API's process group.
             assert os.getsid(state["pid"]) == state["pid"]
 
@@ -202,7 +213,7 @@ async def test_start_files_liveness_and_stop(tmp_path) -> None:
 
 async def test_worker_needs_scheduler_address_and_safe_names(tmp_path) -> None:
     with trio.fail_after(10):
-        async with open_local_backend(tmp_path) as backend:
+        async with open_local_backend(tmp_path, fork_server=False) as backend:
             with pytest.raises(BackendError, match="no scheduler address"):
                 await backend.start_worker(make_launch(), "w1")
             with pytest.raises(BackendError, match="unsafe"):
@@ -213,7 +224,7 @@ async def test_worker_needs_scheduler_address_and_safe_names(tmp_path) -> None:
 
 async def test_bad_command_is_a_backend_error(tmp_path) -> None:
     with trio.fail_after(10):
-        async with open_local_backend(tmp_path) as backend:
+        async with open_local_backend(tmp_path, fork_server=False) as backend:
             launch = make_launch(scheduler_cmd=("/nonexistent/dask-scheduler",))
             with pytest.raises(BackendError, match="cannot start"):
                 await backend.start_scheduler(launch)
@@ -221,11 +232,11 @@ async def test_bad_command_is_a_backend_error(tmp_path) -> None:
 
 async def test_processes_survive_backend_close_and_are_readopted(tmp_path) -> None:
     with trio.fail_after(15):
-        async with open_local_backend(tmp_path) as first:
+        async with open_local_backend(tmp_path, fork_server=False) as first:
             state = await first.start_scheduler(make_launch())
         # The first API "run" is gone; its process must not be.
         assert same_process_alive(state)
-        async with open_local_backend(tmp_path, stop_grace=2) as second:
+        async with open_local_backend(tmp_path, stop_grace=2, fork_server=False) as second:
             assert second.adopt(state)
             assert not second.adopt(dict(state, starttime=state["starttime"] + 1))
             await second.stop_cluster("abc123", state, {})
@@ -235,7 +246,7 @@ async def test_processes_survive_backend_close_and_are_readopted(tmp_path) -> No
 
 async def test_stubborn_process_is_killed_after_grace(tmp_path) -> None:
     with trio.fail_after(15):
-        async with open_local_backend(tmp_path, stop_grace=0.3) as backend:
+        async with open_local_backend(tmp_path, stop_grace=0.3, fork_server=False) as backend:
             launch = make_launch(scheduler_cmd=STUBBORN)
             state = await backend.start_scheduler(launch)
             log = tmp_path / "abc123" / "logs" / "scheduler.log"

@@ -9,14 +9,23 @@ their own session (``start_new_session=True``): a Ctrl-C or crash of the API doe
 reach them, and a restarted API re-adopts them.
 
 A launched process is described by a JSON-able *state*: its pid, its start time in clock
-ticks since boot (``/proc/<pid>/stat`` field 22) and the tail of its argv. Together they
-identify the process even after a restart: a recycled pid has another start time. Children
+ticks since boot (``/proc/<pid>/stat`` field 22), the boot id and the tail of its argv. The
+first three identify the process even after an API restart: a recycled pid has another
+start time, or another boot id. Children
 started by this API run are watched by a reaper task (``Process.wait``), so they never
 linger as zombies; processes adopted from an earlier run are checked with
 ``os.kill(pid, 0)`` plus the ``/proc`` identity check, and waited on with a pidfd.
 
 Stopping sends SIGTERM to the process group (the worker's nanny has a child in the same
 group), waits up to ``stop_grace`` seconds, then sends SIGKILL to the group.
+
+Fast start: unless disabled, the backend runs a fork server (:mod:`.forkserver`) that has
+already imported distributed. The default commands (``dask scheduler`` / ``dask worker`` of
+this interpreter) of a cluster without a custom ``environment`` are forked from it instead
+of exec'd, which saves the seconds of imports of each process (the worker's nanny then
+forks its worker process too). A forked process is described and watched exactly like an
+adopted one (pid + start time + command line, pidfd); its command line is the fork
+server's. Until the fork server is ready, or if it fails, processes are exec'd as usual.
 
 The pure parts (commands, environment, ``/proc`` parsing) are module-level functions so
 they are testable without processes.
@@ -41,10 +50,12 @@ import trio
 from dask_gateway_common.tls import make_private_dir, write_private_file
 
 from .base import Backend, BackendError, ClusterLaunch, State
+from .forkserver import ForkServer, ForkServerError, fork_plan, fork_supported
 
 __all__ = [
     "INHERITED_ENV",
     "LocalBackend",
+    "boot_id",
     "default_scheduler_cmd",
     "default_worker_cmd",
     "open_local_backend",
@@ -222,11 +233,28 @@ def _proc_starttime(pid: int) -> int | None:
     return parsed[1] if parsed else None
 
 
+def boot_id() -> str | None:
+    """This boot's random id (``/proc/sys/kernel/random/boot_id``), or None."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def same_process_alive(state: State) -> bool:
-    """Whether the process of ``state`` exists, is not a zombie, and is the same one."""
+    """Whether the process of ``state`` exists, is not a zombie, and is the same one.
+
+    Identity is the pid plus its start time (plus the boot id, when recorded): exact, and
+    independent of the command line, which a process may rewrite (``setproctitle``). Only
+    states without a start time fall back to comparing the command line.
+    """
     pid = state.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
+    recorded_boot = state.get("boot_id")
+    if isinstance(recorded_boot, str) and recorded_boot != boot_id():
+        return False  # started before a reboot: any process with this pid is another one
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -239,8 +267,8 @@ def same_process_alive(state: State) -> bool:
         if parsed is None or parsed[0] in ("Z", "X"):
             return False
         expected = state.get("starttime")
-        if isinstance(expected, int) and parsed[1] != expected:
-            return False
+        if isinstance(expected, int):
+            return parsed[1] == expected
     cmdline = _read_proc(pid, "cmdline")
     tail = state.get("argv_tail")
     if cmdline is not None and isinstance(tail, list) and tail:
@@ -269,6 +297,8 @@ class LocalBackend(Backend):
         self._parent_env = dict(os.environ if parent_env is None else parent_env)
         self._nursery = nursery
         self._children: dict[int, trio.Process] = {}
+        #: The running fork server, when there is one (see :meth:`run_fork_server`).
+        self.fork_server: ForkServer | None = None
         make_private_dir(self.root)
 
     # -- paths
@@ -292,11 +322,79 @@ class LocalBackend(Backend):
         write_private_file(key, launch.tls_key)
         write_private_file(token, launch.token.encode())
 
+    # -- the fork server
+
+    async def run_fork_server(
+        self,
+        preload: Sequence[str] | None = None,
+        *,
+        ready_timeout: float = 120.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep a fork server running for this backend (a task; see the module docstring).
+
+        Reports started once the first fork server is ready. It is restarted if it exits;
+        after three failed starts in a row the task ends and the backend keeps exec'ing.
+        """
+        env = {k: self._parent_env[k] for k in INHERITED_ENV if k in self._parent_env}
+        kwargs = {} if preload is None else {"preload": tuple(preload)}
+        failures = 0
+        reported = False
+        while failures < 3:
+            try:
+                server = await ForkServer.start(
+                    env=env,
+                    cwd=str(self.root),
+                    log_path=str(self.root / "fork-server.log"),
+                    ready_timeout=ready_timeout,
+                    **kwargs,
+                )
+            except ForkServerError as exc:
+                failures += 1
+                log.warning("%s; dask processes are started with exec", exc)
+                await trio.sleep(5 * failures)
+                continue
+            failures = 0
+            self.fork_server = server
+            log.info("fork server ready, pid %d", server.pid)
+            if not reported:
+                task_status.started()
+                reported = True
+            try:
+                code = await server.wait()
+            finally:
+                self.fork_server = None
+                with trio.CancelScope(shield=True):
+                    await server.aclose()
+            log.warning("fork server exited with status %s; restarting it", code)
+            await trio.sleep(1)
+
     # -- launching
 
     async def _spawn(
-        self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log_path: Path,
+        *,
+        forkable: bool = False,
     ) -> State:
+        server = self.fork_server
+        if forkable and server is not None and fork_plan(argv, sys.executable) is not None:
+            try:
+                pid = await server.spawn(argv, env, str(cwd), str(log_path))
+            except ForkServerError as exc:
+                log.warning("%s; starting %s with exec instead", exc, log_path.name)
+            else:
+                return {
+                    "pid": pid,
+                    "starttime": _proc_starttime(pid),
+                    "boot_id": boot_id(),
+                    "argv_tail": server.argv[1:],
+                    "log": str(log_path),
+                    "forked": True,
+                }
         try:
             log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
@@ -320,6 +418,7 @@ class LocalBackend(Backend):
         return {
             "pid": proc.pid,
             "starttime": _proc_starttime(proc.pid),
+            "boot_id": boot_id(),
             "argv_tail": argv[1:],
             "log": str(log_path),
         }
@@ -348,9 +447,20 @@ class LocalBackend(Backend):
         )
         workdir = self.cluster_dir(launch.name)
         argv = resolve_program(scheduler_command(launch, self.host), env.get("PATH"))
-        state = await self._spawn(argv, env, workdir, workdir / "logs" / "scheduler.log")
+        state = await self._spawn(
+            argv,
+            env,
+            workdir,
+            workdir / "logs" / "scheduler.log",
+            forkable=not launch.environment,
+        )
         state["workdir"] = str(workdir)
-        log.info("cluster %s: scheduler started, pid %d", launch.name, state["pid"])
+        log.info(
+            "cluster %s: scheduler started, pid %d%s",
+            launch.name,
+            state["pid"],
+            " (forked)" if state.get("forked") else "",
+        )
         return state
 
     async def start_worker(self, launch: ClusterLaunch, worker_name: str) -> State:
@@ -379,8 +489,16 @@ class LocalBackend(Backend):
         )
         logs = workdir / "logs"
         make_private_dir(logs)
-        state = await self._spawn(argv, env, workdir, logs / f"worker-{worker_name}.log")
-        log.info("cluster %s: worker %s started, pid %d", launch.name, worker_name, state["pid"])
+        state = await self._spawn(
+            argv, env, workdir, logs / f"worker-{worker_name}.log", forkable=not launch.environment
+        )
+        log.info(
+            "cluster %s: worker %s started, pid %d%s",
+            launch.name,
+            worker_name,
+            state["pid"],
+            " (forked)" if state.get("forked") else "",
+        )
         return state
 
     # -- liveness
@@ -440,7 +558,13 @@ class LocalBackend(Backend):
         finally:
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
-        _reap_if_child(pid)
+        if not _reap_if_child(pid):
+            # Exited, but somebody else's child (the fork server's, or init's after an API
+            # restart): give its parent a moment to reap it, so "stopped" means the pid
+            # is gone, not a zombie.
+            with trio.move_on_after(2):
+                while _is_zombie(pid):  # noqa: ASYNC110 - another process reaps it
+                    await trio.sleep(0.01)
 
     async def stop_worker(self, cluster_name: str, worker_name: str, state: State) -> None:
         await self._terminate(state)
@@ -468,6 +592,12 @@ def _pid_exists(pid: int) -> bool:
     except PermissionError:
         return False
     return True
+
+
+def _is_zombie(pid: int) -> bool:
+    raw = _read_proc(pid, "stat")
+    parsed = parse_proc_stat(raw.decode("utf-8", "replace")) if raw is not None else None
+    return parsed is not None and parsed[0] in ("Z", "X")
 
 
 def _reap_if_child(pid: int) -> bool:
@@ -499,16 +629,21 @@ async def open_local_backend(
     host: str = "127.0.0.1",
     stop_grace: float = 5.0,
     parent_env: Mapping[str, str] | None = None,
+    fork_server: bool = True,
 ) -> AsyncIterator[LocalBackend]:
     """A :class:`LocalBackend` whose child reapers live in their own nursery.
 
-    Leaving the context stops watching the processes but never kills them: clusters keep
-    running across an API restart unless the manager stopped them first.
+    With ``fork_server`` (and on Linux) a fork server starts in the background; until it
+    is ready processes are exec'd. Leaving the context stops watching the processes and
+    ends the fork server but never kills cluster processes: clusters keep running across
+    an API restart unless the manager stopped them first.
     """
     async with trio.open_nursery() as nursery:
         backend = LocalBackend(
             root, nursery, host=host, stop_grace=stop_grace, parent_env=parent_env
         )
+        if fork_server and fork_supported():
+            nursery.start_soon(backend.run_fork_server)
         try:
             yield backend
         finally:
