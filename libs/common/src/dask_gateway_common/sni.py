@@ -66,6 +66,7 @@ __all__ = [
     "ClientHelloError",
     "NeedData",
     "NotTLS",
+    "ParseResult",
     "parse_client_hello",
     "tls_alert",
 ]
