@@ -603,3 +603,15 @@ def test_every_key_is_documented() -> None:
         for key in keys:
             assert re.search(rf"^\| `{key}` \|", doc, re.MULTILINE), (section, key)
             assert env_var_name(section, key) in doc, (section, key)
+
+
+def test_internal_url_is_validated_and_trimmed() -> None:
+    from dask_gateway_api.config import settings_from_mapping
+
+    env = {"DASK_GATEWAY_PROXY_TOKEN": "t" * 32}
+    settings = settings_from_mapping({"internal_url": "http://api.ns:8001/"}, env)
+    assert settings.internal_url == "http://api.ns:8001"
+    assert settings_from_mapping({}, env).internal_url is None
+    with pytest.raises(SettingsError) as info:
+        settings_from_mapping({"internal_url": "ftp://x"}, env)
+    assert any("internal_url" in p for p in info.value.problems)

@@ -157,11 +157,10 @@ def test_proxies_find_the_api_and_the_token() -> None:
 
 def test_api_reaches_itself_through_its_service() -> None:
     out = render(UMBRELLA, FULL)
-    spec = pod_spec(out.deployment(API_DEPLOY))
-    # The API publishes "<prefix>/" -> http://<hostname>:<port>: the hostname must be the
-    # Service name so the web proxies resolve it.
-    assert spec["hostname"] == "gateway-api-gw"
     config = out.api_config()
+    # The API publishes "<prefix>/" -> its internal_url: the Service's cluster DNS name,
+    # so the web proxies resolve it from any namespace.
+    assert config["internal_url"] == f"http://gateway-api-gw.{NAMESPACE}:8001"
     assert config["prefix"] == "/services/dask-gateway"
     assert config["api_url"] == f"http://gateway-api-gw.{NAMESPACE}:8001/services/dask-gateway/api"
     assert (
@@ -639,8 +638,10 @@ def test_long_release_names_are_cut_to_dns_labels() -> None:
     out = render(UMBRELLA, DEFAULT, release=release)
     for doc in out.docs:
         assert len(doc["metadata"]["name"]) <= 63
-    api = out.deployment(f"gateway-api-{release}"[:63])
-    assert pod_spec(api)["hostname"] == f"gateway-api-{release}"[:63]
+    service = f"gateway-api-{release}"[:63]
+    out.deployment(service)
+    config = yaml.safe_load(out.get("ConfigMap", service)["data"]["config.yaml"])
+    assert config["internal_url"].startswith(f"http://{service}.")
     web_public = [
         s for s in out.of_kind("Service") if s["metadata"]["name"].startswith("web-public-")
     ]

@@ -126,6 +126,7 @@ process as DASK_GATEWAY_* environment variables from the Secret.
 {{- $cfg := dict
   "address" (printf ":%d" (int $v.port))
   "api_url" (include "dgapi.apiUrl" .)
+  "internal_url" (printf "http://%s.%s:%d" (include "dgapi.name" .) .Release.Namespace (int .Values.port))
   "prefix" (include "dgapi.prefix" .)
   "db_path" "/var/lib/dask-gateway/gateway.sqlite"
   "log_level" $v.logLevel

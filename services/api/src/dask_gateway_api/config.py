@@ -95,6 +95,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "address": Key("str", "127.0.0.1:8001"),
         "public_url": Key("str", "http://127.0.0.1:8000"),
         "api_url": Key("str", None, optional=True),
+        "internal_url": Key("str", None, optional=True),
         "prefix": Key("str", ""),
         "proxy_token": Key("str", None, optional=True, secret=True),
         "db_path": Key("str", ".run/gateway.sqlite"),
@@ -235,6 +236,9 @@ class Settings:
     #: The ``DASK_GATEWAY_API_URL`` given to schedulers (``public_url + prefix + "/api"``
     #: unless configured).
     api_url: str = "http://127.0.0.1:8000/api"
+    #: Where the proxies reach the API itself (the target of the ``<prefix>/`` route);
+    #: ``None`` means ``http://<host of address, or this host's name>:<bound port>``.
+    internal_url: str | None = None
     prefix: str = ""
     db_path: str = ".run/gateway.sqlite"
     encrypt_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -478,6 +482,10 @@ def _top(v: dict[str, Any], problems: list[str]) -> dict[str, Any]:
             )
     elif "public_url" in out and "prefix" in out:
         out["api_url"] = f"{out['public_url']}{out['prefix']}/api"
+    if v.get("internal_url") is not None:
+        internal = _url(v["internal_url"], "internal_url", problems)
+        if internal is not None:
+            out["internal_url"] = internal.rstrip("/")
     token = v.get("proxy_token")
     if token is None or not token.strip():
         problems.append(

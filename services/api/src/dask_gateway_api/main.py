@@ -173,7 +173,10 @@ async def serve_api(
                         limits=HTTPLimits(max_body_bytes=MAX_BODY_BYTES),
                     )
                 )
-                own = f"http://{_reachable_host(bound[0])}:{bound[1]}{settings.prefix}"
+                own_origin = (
+                    settings.internal_url or f"http://{_reachable_host(bound[0])}:{bound[1]}"
+                )
+                own = f"{own_origin}{settings.prefix}"
                 api_url = f"{own}/api" if direct_api else settings.api_url
                 manager.set_api_address(api_url, route_target=own)
                 log.info("API listening on http://%s:%d%s", bound[0], bound[1], settings.prefix)
