@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Iterator
 
@@ -16,8 +17,25 @@ from tests.e2e.harness import ACTIVE, TEST_DEADLINE, time_limit
 
 @pytest.fixture(autouse=True)
 def _test_deadline(request: pytest.FixtureRequest) -> Iterator[None]:
-    with time_limit(TEST_DEADLINE, f"test {request.node.name}"):
-        yield
+    """Run the test under its deadline, with cyclic GC only on the main thread.
+
+    The official client deadlocks if a ``Gateway`` it leaked (e.g. the one inside a
+    ``GatewayCluster`` whose start failed) is finalized on the shared client loop thread:
+    ``Gateway.__del__`` -> ``close()`` -> ``sync()`` waits on that very loop. Automatic
+    collection is therefore off during a test and garbage is collected here, on the main
+    thread, where ``close()`` works.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        with time_limit(TEST_DEADLINE, f"test {request.node.name}"):
+            yield
+    finally:
+        try:
+            with time_limit(30, "collecting the test's client objects"):
+                gc.collect()
+        finally:
+            gc.enable()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -35,6 +35,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -70,32 +71,49 @@ class DeadlineExceeded(Exception):
     """A :func:`time_limit` ran out."""
 
 
+#: Active limits, innermost last: (monotonic deadline, description).
+_LIMITS: list[tuple[float, str]] = []
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    now = time.monotonic()
+    expired = [what for deadline, what in _LIMITS if deadline <= now]
+    if expired:
+        raise DeadlineExceeded(f"deadline exceeded: {expired[0]}")
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float, what: str) -> Iterator[None]:
     """Raise :class:`DeadlineExceeded` in the main thread if the block runs over ``seconds``.
 
-    Nests: an inner limit never extends an outer one, and the outer one is re-armed (minus
-    the time spent) on exit.
+    A watchdog thread sends SIGALRM to the main thread itself (``pthread_kill``): a
+    process-wide alarm may be delivered to one of the client's loop threads, which would
+    leave the main thread blocked in ``future.result()`` forever. After the deadline the
+    signal is repeated every few seconds, in case client code swallowed the first one.
+    Limits nest; the earliest expired one is reported.
     """
-    previous_handler = signal.getsignal(signal.SIGALRM)
-    outer_remaining, _ = signal.getitimer(signal.ITIMER_REAL)
-    started = time.monotonic()
-    limit = seconds if outer_remaining <= 0 else min(seconds, outer_remaining)
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main, "time_limit: main thread only"
+    entry = (time.monotonic() + seconds, f"{what} ({seconds:.0f} s)")
+    _LIMITS.append(entry)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    done = threading.Event()
 
-    def on_alarm(signum: int, frame: object) -> None:
-        raise DeadlineExceeded(f"deadline of {limit:.0f} s exceeded: {what}")
+    def watchdog() -> None:
+        timeout = seconds
+        while not done.wait(timeout):
+            signal.pthread_kill(main, signal.SIGALRM)
+            timeout = 5.0
 
-    if outer_remaining <= 0 or seconds < outer_remaining:
-        signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, limit)
+    thread = threading.Thread(target=watchdog, name=f"time_limit({what})", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous_handler)
-        if outer_remaining > 0:
-            left = outer_remaining - (time.monotonic() - started)
-            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
+        done.set()
+        thread.join()
+        _LIMITS.remove(entry)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
 
 
 def wait_until(
