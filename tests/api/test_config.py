@@ -293,7 +293,7 @@ def test_every_problem_is_listed_at_once() -> None:
         "log_level: log level must be one of",
         "auth.type: must be one of simple, jupyterhub, kerberos, got 'ldap'",
         "auth.cookie_max_age: must be > 0, got 0",
-        "backend.type: must be one of local, got 'yarn'",
+        "backend.type: must be one of local, kubernetes, got 'yarn'",
         "backend.status_period: must be > 0, got -1",
         "cluster: worker_cores must be an integer >= 1, got 0",
         "cluster: worker_memory: invalid memory size 'lots'",

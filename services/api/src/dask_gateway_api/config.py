@@ -22,6 +22,13 @@ missing ``proxy_token`` -- is collected and raised at the end as one
 :class:`~dask_gateway_common.settings.SettingsError`. Messages name the key or variable,
 never a secret's value.
 
+The ``backend.kubernetes`` mapping has keys of its own (:data:`KUBERNETES_SCHEMA` for the
+backend, :data:`~.backends.kube_objects.KUBE_CLUSTER_DEFAULTS` for per-cluster pod
+settings), each also read from ``DASK_GATEWAY_BACKEND__KUBERNETES__<KEY>``. With
+``backend.type: kubernetes`` the per-cluster keys are declared in ``cluster.extra`` (values
+from ``backend.kubernetes``, overridden by ``cluster.extra``) so cluster options may
+override them.
+
 Everything here is pure apart from reading the one YAML file and importing the options
 handler module (so that a bad handler is a start-up problem, not a failed request).
 """
@@ -30,16 +37,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
 
 from dask_gateway_common.settings import SettingsError, log_level, parse_host_port
 
+from .backends.kube_objects import (
+    KUBE_CLUSTER_DEFAULTS,
+    check_kube_cluster_values,
+    is_dns_label,
+    label_value,
+)
 from .lifecycle import Timeouts
 from .limits import UserLimits
 from .options import (
@@ -62,6 +76,8 @@ __all__ = [
     "AUTH_TYPES",
     "AuthSettings",
     "BACKEND_TYPES",
+    "KUBERNETES_SCHEMA",
+    "KubernetesSettings",
     "BackendSettings",
     "ClusterSettings",
     "SCHEMA",
@@ -73,7 +89,7 @@ __all__ = [
 ]
 
 AUTH_TYPES = ("simple", "jupyterhub", "kerberos")
-BACKEND_TYPES = ("local",)
+BACKEND_TYPES = ("local", "kubernetes")
 TOP = ""  # the section name of top-level keys
 
 
@@ -127,6 +143,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workdir": Key("str", ".run/clusters"),
         "status_period": Key("float", 30.0),
         "stop_grace": Key("float", 5.0),
+        "kubernetes": Key("map", {}),
     },
     "cluster": {
         "scheduler_cmd": Key("cmd", _CLUSTER_DEFAULTS.scheduler_cmd),
@@ -195,12 +212,54 @@ class AuthSettings:
     kerberos_keytab: str = "dask_gateway.keytab"
 
 
+#: ``backend.kubernetes`` keys that configure the backend itself. The per-cluster keys
+#: (image, pod and container config...) are ``KUBE_CLUSTER_DEFAULTS``.
+KUBERNETES_SCHEMA: dict[str, Key] = {
+    "kubeconfig": Key("str", None, optional=True),
+    "context": Key("str", None, optional=True),
+    "namespace": Key("str", None, optional=True),
+    "instance": Key("str", "dask-gateway"),
+    "api_concurrency": Key("int", 4),
+    "request_timeout": Key("float", 30.0),
+    "watch_timeout": Key("float", 300.0),
+}
+
+
+def _kube_cluster_kind(key: str) -> Key:
+    """How an environment value of a per-cluster Kubernetes key is parsed."""
+    if key in ("image", "image_pull_policy", "service_account"):
+        return Key("str", None, optional=key != "image")
+    if key in ("image_pull_secrets", "tolerations"):
+        return Key("list", [])
+    if key.endswith("_cores_limit"):
+        return Key("float", None, optional=True)
+    if key.endswith("_memory_limit"):
+        return Key("memory", None, optional=True)
+    return Key("map", {})
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """``backend.kubernetes``: where the cluster pods go and how the API talks to
+    Kubernetes. ``cluster`` holds the per-cluster keys that were set (pod settings)."""
+
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    instance: str = "dask-gateway"
+    api_concurrency: int = 4
+    request_timeout: float = 30.0
+    watch_timeout: float = 300.0
+    cluster: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     type: str = "local"
     workdir: str = ".run/clusters"
     status_period: float = 30.0
     stop_grace: float = 5.0
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
 
 @dataclass(frozen=True)
@@ -572,7 +631,71 @@ def _jupyterhub_problems(v: dict[str, Any], problems: list[str]) -> None:
         problems.append("auth.jupyterhub_tls_key is set without auth.jupyterhub_tls_cert")
 
 
-def _backend(v: dict[str, Any], problems: list[str]) -> BackendSettings:
+def _kubernetes(
+    raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]
+) -> KubernetesSettings:
+    where = "backend.kubernetes"
+    known = list(KUBERNETES_SCHEMA) + list(KUBE_CLUSTER_DEFAULTS)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in known:
+            values[key] = value
+        else:
+            problems.append(_unknown(f"{where}.{key}", known))
+    for key in known:
+        var = f"DASK_GATEWAY_BACKEND__KUBERNETES__{key.upper()}"
+        if var not in env:
+            continue
+        spec = KUBERNETES_SCHEMA.get(key) or _kube_cluster_kind(key)
+        try:
+            values[key] = _from_env(spec, env[var])
+        except (ValueError, TypeError):
+            problems.append(f"{var}: expected {_KIND_NAMES[spec.kind]}, got {env[var]!r}")
+            values.pop(key, None)
+    out: dict[str, Any] = {}
+    for key, spec in KUBERNETES_SCHEMA.items():
+        if key not in values:
+            continue
+        value = values[key]
+        if not _check_kind(spec, value):
+            problems.append(f"{where}.{key}: expected {_KIND_NAMES[spec.kind]}, got {value!r}")
+            continue
+        out[key] = value
+    for key in ("kubeconfig", "context"):
+        if out.get(key) is not None and not out[key].strip():
+            problems.append(f"{where}.{key}: must not be empty (use null for the default)")
+    namespace = out.get("namespace")
+    if namespace is not None and not is_dns_label(namespace):
+        problems.append(
+            f"{where}.namespace: must be a Kubernetes namespace name (lower case letters, "
+            f"digits and '-', at most 63), got {namespace!r}"
+        )
+    instance = out.get("instance")
+    if instance is not None and (not instance or label_value(instance) != instance):
+        problems.append(
+            f"{where}.instance: must be a valid label value (at most 63 letters, digits, "
+            f"'-', '_' or '.', alphanumeric at both ends), got {instance!r}"
+        )
+    _positive(out, ["api_concurrency", "request_timeout", "watch_timeout"], where, problems)
+    for key in ("request_timeout", "watch_timeout"):
+        if key in out:
+            out[key] = float(out[key])
+    cluster = {k: values[k] for k in KUBE_CLUSTER_DEFAULTS if k in values}
+    problems.extend(check_kube_cluster_values(cluster, f"{where}."))
+    return KubernetesSettings(cluster=copy.deepcopy(cluster), **out)
+
+
+def _with_kube_extra(
+    cluster: ClusterSettings, kube: KubernetesSettings, problems: list[str]
+) -> ClusterSettings:
+    """Declare the per-cluster Kubernetes keys in the cluster defaults' ``extra``."""
+    explicit = cluster.config.extra
+    problems.extend(check_kube_cluster_values(explicit, "cluster.extra."))
+    extra = {**copy.deepcopy(KUBE_CLUSTER_DEFAULTS), **copy.deepcopy(kube.cluster), **explicit}
+    return replace(cluster, config=replace(cluster.config, extra=extra))
+
+
+def _backend(v: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> BackendSettings:
     if "type" in v and v["type"] not in BACKEND_TYPES:
         problems.append(
             f"backend.type: must be one of {', '.join(BACKEND_TYPES)}, got {v['type']!r}"
@@ -582,6 +705,7 @@ def _backend(v: dict[str, Any], problems: list[str]) -> BackendSettings:
     _positive(v, ["status_period"], "backend", problems)
     _non_negative(v, ["stop_grace"], "backend", problems)
     kwargs = {k: val for k, val in v.items() if k in SCHEMA["backend"]}
+    kwargs["kubernetes"] = _kubernetes(v.get("kubernetes") or {}, env, problems)
     for k in ("status_period", "stop_grace"):
         if k in kwargs:
             kwargs[k] = float(kwargs[k])
@@ -723,8 +847,10 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
     values = _gather(data, env, problems)
     top = _top(values[TOP], problems)
     auth = _auth(values["auth"], problems)
-    backend = _backend(values["backend"], problems)
+    backend = _backend(values["backend"], env, problems)
     cluster = _cluster(values["cluster"], problems)
+    if cluster is not None and backend.type == "kubernetes":
+        cluster = _with_kube_extra(cluster, backend.kubernetes, problems)
     user_limits = _user_limits(values["user_limits"], problems)
     options = _options(values["options"], cluster, problems)
     if problems:

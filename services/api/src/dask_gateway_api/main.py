@@ -10,14 +10,16 @@ Configuration problems are all listed on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -31,6 +33,7 @@ from .app import ApiApp, server_version
 from .auth import Authenticator, CookieCache, SimpleAuthenticator, UserAuth
 from .auth_jupyterhub import HubAuthConfig, JupyterHubAuthenticator
 from .auth_kerberos import KerberosAuthenticator, KerberosUnavailable
+from .backends.base import Backend
 from .backends.local import open_local_backend
 from .config import AuthSettings, Settings, load_settings
 from .manager import ClusterManager, ManagerConfig
@@ -42,6 +45,7 @@ __all__ = [
     "main",
     "make_authenticator",
     "manager_config",
+    "open_backend",
     "serve_api",
 ]
 
@@ -122,6 +126,34 @@ def manager_config(settings: Settings) -> ManagerConfig:
     )
 
 
+@contextlib.asynccontextmanager
+async def open_backend(settings: Settings) -> AsyncIterator[tuple[Any, Backend]]:
+    """The configured backend and the store of its records: SQLite and local processes,
+    or Kubernetes objects and pods (the API then keeps no state of its own).
+
+    Raises ``StoreError`` when the store cannot be opened (for Kubernetes: no usable
+    configuration, or the API server refuses the first list).
+    """
+    if settings.backend.type == "kubernetes":
+        from .backends.kubernetes import open_kubernetes_backend
+
+        async with open_kubernetes_backend(
+            settings.backend.kubernetes,
+            stop_grace=settings.backend.stop_grace,
+            reconcile_period=settings.backend.status_period,
+        ) as (kube_store, kube_backend):
+            yield kube_store, kube_backend
+        return
+    store = open_store(settings.db_path, [k.encode() for k in settings.encrypt_keys])
+    try:
+        async with open_local_backend(
+            settings.backend.workdir, stop_grace=settings.backend.stop_grace
+        ) as backend:
+            yield store, backend
+    finally:
+        store.close()
+
+
 def _reachable_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return socket.gethostname()
@@ -143,14 +175,8 @@ async def serve_api(
     unsupported authenticator.
     """
     authenticator = make_authenticator(settings.auth)
-    store = open_store(settings.db_path, [k.encode() for k in settings.encrypt_keys])
     try:
-        async with (
-            open_local_backend(
-                settings.backend.workdir, stop_grace=settings.backend.stop_grace
-            ) as backend,
-            HTTPClient() as http,
-        ):
+        async with open_backend(settings) as (store, backend), HTTPClient() as http:
             feed = RouteFeed()
             manager = ClusterManager(manager_config(settings), store, backend, feed, http)
             auth = UserAuth(authenticator, CookieCache(settings.auth.cookie_max_age))
@@ -184,7 +210,6 @@ async def serve_api(
                 task_status.started(bound)
     finally:
         await authenticator.aclose()
-        store.close()
 
 
 async def _run_until_signal(settings: Settings) -> None:

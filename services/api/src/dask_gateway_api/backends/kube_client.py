@@ -386,9 +386,11 @@ class Informer:
             self._notify(self.cache.apply(event))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """List (errors propagate: the caller cannot start without a first sync), report
-        started, then watch forever (see the module docstring)."""
-        await self.relist()
+        """List unless :meth:`relist` already ran (errors propagate: the caller cannot
+        start without a first sync), report started, then watch forever (see the module
+        docstring)."""
+        if self.relists == 0:
+            await self.relist()
         task_status.started()
         delay = 0.5
         need_list = False

@@ -381,12 +381,13 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """An owner reference to ``obj`` (a Secret or Pod as the API server returned it)."""
+def owner_reference(obj: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """An owner reference to ``obj``, a core/v1 ``kind`` object as the API server returned
+    it (with its uid)."""
     meta = obj.get("metadata") or {}
     return {
-        "apiVersion": obj.get("apiVersion") or "v1",
-        "kind": obj.get("kind") or "",
+        "apiVersion": "v1",
+        "kind": kind,
         "name": meta.get("name", ""),
         "uid": meta.get("uid", ""),
         "controller": True,
