@@ -63,6 +63,16 @@ import h11
 import trio
 
 from .errors import GatewayError
+from .http1 import (
+    ChunkedReader,
+    ResponseHead,
+    asks_to_close,
+    encode_chunk,
+    encode_request_head,
+    encode_response_head,
+    parse_response_head,
+    response_framing,
+)
 
 log = logging.getLogger("dask_gateway.http")
 
@@ -422,6 +432,7 @@ class _ServerConnection:
         self.scheme = scheme
         self.wire = _Wire(stream)
         self.conn = self._new_h11()
+        self._fed = 0  # bytes given to h11 since the last request head
         self._new_cycle_state()
 
     def _new_h11(self) -> h11.Connection:
@@ -432,8 +443,9 @@ class _ServerConnection:
         # not, or it must go through h11: chunked, upgrade, CONNECT).
         self._body_left: int | None = None
         self._raw_in = False  # the request body is being read around h11
-        self._raw_out = False  # the response body was sent around h11
+        self._responded = False  # the whole response has been sent
         self._keep_alive = True
+        self._http11 = True
 
     async def _next_event(self, timeout: float) -> Any:
         """Next h11 event, all of it within ``timeout`` seconds."""
@@ -446,6 +458,7 @@ class _ServerConnection:
                 data = await self.wire.receive(READ_CHUNK, deadline - trio.current_time())
             except trio.TooSlowError:
                 raise _Timeout from None
+            self._fed += len(data)
             self.conn.receive_data(data)
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -459,6 +472,7 @@ class _ServerConnection:
             data = await self.wire.receive(READ_CHUNK, self.limits.keepalive_timeout)
         except trio.TooSlowError:
             return False
+        self._fed += len(data)
         self.conn.receive_data(data)
         return bool(data)
 
@@ -490,11 +504,13 @@ class _ServerConnection:
             if not isinstance(event, h11.Request):
                 return
             # h11 bounds only *incomplete* heads; a complete one read in a single chunk
-            # can still be larger than we allow.
-            head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-            if head_size > self.limits.max_header_bytes:
-                await self._send_error_and_close(431, "Request headers too large")
-                return
+            # can still be larger than we allow (only possible if we were fed more).
+            if self._fed > self.limits.max_header_bytes:
+                head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if head_size > self.limits.max_header_bytes:
+                    await self._send_error_and_close(431, "Request headers too large")
+                    return
+            self._fed = 0
             self._start_cycle(event)
             keep_going = await self._handle(event)
             if not keep_going:
@@ -503,7 +519,8 @@ class _ServerConnection:
     def _start_cycle(self, event: h11.Request) -> None:
         self._new_cycle_state()
         headers = event.headers
-        self._keep_alive = event.http_version >= b"1.1" and not _asks_to_close(headers)
+        self._http11 = event.http_version >= b"1.1"
+        self._keep_alive = self._http11 and not _asks_to_close(headers)
         if (
             self.conn.their_state is h11.SEND_BODY
             and event.method != b"CONNECT"
@@ -596,62 +613,93 @@ class _ServerConnection:
         return await self._finish_cycle()
 
     async def _send_response(self, request: Request, response: Response) -> None:
+        """Encode and send the response ourselves; h11 only ever parses requests here
+        (and sends 100/101 interim answers), so its state goes stale for our side and
+        ``_finish_cycle`` starts a fresh one."""
+        status = response.status
+        if not 200 <= status <= 999:
+            raise h11.LocalProtocolError(f"Handler answered with status {status}")
         given_length = None
         headers = []
         for name, value in response.headers:
             if name.lower() == "content-length":
-                given_length = value
+                given_length = value.strip()
             else:
                 headers.append((name, value))
         body = response.body
         streaming = not isinstance(body, bytes | bytearray)
-        no_body = request.method == "HEAD" or response.status in (204, 304)
-        if not streaming and request.method != "HEAD" and response.status != 204:
-            headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
-        elif given_length is not None and response.status != 204:
+        head_only = request.method == "HEAD"
+        no_body = head_only or status in (204, 304)
+        length: int | None = None
+        if not streaming and not head_only and status != 204:
+            length = len(body)  # type: ignore[arg-type]
+        elif given_length is not None and status != 204:
             # A streamed body (or a HEAD answer) of a size the handler knows, e.g. a
             # proxied response: keep it; its body must match it.
-            headers.append(("Content-Length", given_length))
-        elif not streaming and request.method == "HEAD":
-            headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
+            if not given_length.isdigit():
+                raise h11.LocalProtocolError("Bad Content-Length from the handler")
+            length = int(given_length)
+        elif not streaming and head_only:
+            length = len(body)  # type: ignore[arg-type]
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+        chunked = streaming and length is None and not no_body
+        if chunked and not self._http11:
+            # an HTTP/1.0 client knows no chunked encoding: the body ends with the
+            # connection
+            chunked = False
+            self._keep_alive = False
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
         if _asks_to_close_text(headers):
             self._keep_alive = False
-        conn = self.conn
-        head = conn.send(h11.Response(status_code=response.status, headers=headers))
+        elif not self._keep_alive:
+            headers.append(("Connection", "close"))
+        head = encode_response_head(status, headers)
+        wire = self.wire
         timeout = self.limits.send_timeout
         if no_body:
             if streaming and hasattr(body, "aclose"):
                 await body.aclose()  # type: ignore[union-attr]
-            await self.wire.send_all(head + conn.send(h11.EndOfMessage()), timeout)
+            await wire.send_all(head, timeout)
         elif not streaming:
-            data = conn.send(h11.Data(data=body)) if body else b""
-            tail = conn.send(h11.EndOfMessage())
-            if len(data) <= _COALESCE_MAX:
-                await self.wire.send_all(head + data + tail, timeout)
+            if len(body) <= _COALESCE_MAX:  # type: ignore[arg-type]
+                await wire.send_all(head + body, timeout)  # type: ignore[operator]
             else:
-                await self.wire.send_all(head, timeout)
-                await self.wire.send_all(data, timeout)
-                await self.wire.send_all(tail, timeout)
-        elif given_length is not None:
-            await self.wire.send_all(head, timeout)
-            await self._send_raw_body(body, int(given_length))  # type: ignore[arg-type]
+                await wire.send_all(head, timeout)
+                await wire.send_all(body, timeout)  # type: ignore[arg-type]
         else:
-            await self.wire.send_all(head, timeout)
-            await self._send_chunked_body(body)  # type: ignore[arg-type]
+            await wire.send_all(head, timeout)
+            await self._send_streamed_body(body, length, chunked)  # type: ignore[arg-type]
+        self._responded = True
 
-    async def _send_raw_body(self, body: AsyncIterable[bytes], length: int) -> None:
-        """Send a streamed body of a declared length around h11 (see the module doc)."""
+    async def _send_streamed_body(
+        self, body: AsyncIterable[bytes], length: int | None, chunked: bool
+    ) -> None:
+        """Send chunks as they come: counted against ``length`` when given (too much or
+        too little is a ``h11.LocalProtocolError``), chunk-encoded when ``chunked``,
+        else as is (an HTTP/1.0 client: the end of the connection ends the body)."""
         sent = 0
         count = 0
+        wire = self.wire
         timeout = self.limits.send_timeout
         try:
             async for chunk in body:
                 if not chunk:
                     continue
                 sent += len(chunk)
-                if sent > length:
+                if length is not None and sent > length:
                     raise h11.LocalProtocolError("Too much data for declared Content-Length")
-                await self.wire.send_all(chunk, timeout)
+                if not chunked:
+                    await wire.send_all(chunk, timeout)
+                else:
+                    before, after = encode_chunk(chunk)
+                    if len(chunk) <= _COALESCE_MAX:
+                        await wire.send_all(before + chunk + after, timeout)
+                    else:
+                        await wire.send_all(before, timeout)
+                        await wire.send_all(chunk, timeout)
+                        await wire.send_all(after, timeout)
                 count += 1
                 if count % _YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
@@ -659,29 +707,18 @@ class _ServerConnection:
             if hasattr(body, "aclose"):
                 with trio.CancelScope(shield=True):
                     await body.aclose()
-        if sent != length:
+        if length is not None and sent != length:
             raise h11.LocalProtocolError("Too little data for declared Content-Length")
-        self._raw_out = True
-
-    async def _send_chunked_body(self, body: AsyncIterable[bytes]) -> None:
-        count = 0
-        try:
-            async for chunk in body:
-                if chunk:
-                    await self._send(h11.Data(data=chunk))
-                    count += 1
-                    if count % _YIELD_EVERY == 0:
-                        await trio.lowlevel.checkpoint()
-        finally:
-            if hasattr(body, "aclose"):
-                with trio.CancelScope(shield=True):
-                    await body.aclose()
-        await self._send(h11.EndOfMessage())
+        if chunked:
+            await wire.send_all(b"0\r\n\r\n", timeout)
 
     async def _finish_cycle(self) -> bool:
         """Drain what is left of the request body, then get ready for the next request."""
-        if not (self._raw_out or self.conn.our_state is h11.DONE):
+        if not (self._responded and self._keep_alive):
             return False
+        conn = self.conn
+        if conn.they_are_waiting_for_100_continue and self._their_body_pending():
+            return False  # we answered without asking for the body: it is not coming
         drained = 0
         while self._their_body_pending():
             try:
@@ -694,20 +731,17 @@ class _ServerConnection:
             if drained > self.limits.max_body_bytes:
                 return False
         conn = self.conn
-        if not (self._raw_in or self._raw_out):
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-                return True
-            return False
-        # A body went around h11, whose state machine is stale on that side: start a
-        # fresh one, as start_next_cycle would, when the exchange is complete.
         their_done = self._body_left == 0 if self._raw_in else conn.their_state is h11.DONE
-        if not (their_done and self._keep_alive):
+        if not their_done:
             return False
+        # h11 never saw our response (nor, if it was read around it, the request body):
+        # start a fresh state machine, exactly what start_next_cycle would give, fed
+        # with the pipelined bytes it had already buffered.
         pipelined = b"" if self._raw_in else conn.trailing_data[0]
         self.conn = self._new_h11()
         if pipelined:
             self.conn.receive_data(pipelined)
+        self._fed = len(pipelined)
         return True
 
     async def _upgrade(self, upgrade: Upgrade) -> bool:
@@ -853,21 +887,19 @@ async def serve_http(
 class ClientResponse:
     """Response to an ``HTTPConnection.request``; read the body before the next request."""
 
-    def __init__(
-        self, connection: HTTPConnection, event: h11.Response | h11.InformationalResponse
-    ) -> None:
+    def __init__(self, connection: HTTPConnection, head: ResponseHead) -> None:
         self._connection = connection
-        self.status: int = event.status_code
-        self.reason: str = event.reason.decode("latin-1")
-        self.headers = Headers._from_h11(event.headers)
-        self.http_version = event.http_version.decode("ascii", "replace")
+        self.status: int = head.status
+        self.reason: str = head.reason.decode("latin-1")
+        self.headers = Headers._from_h11(head.headers)
+        self.http_version = head.http_version.decode("ascii", "replace")
         self.body: bytes = b""
         self.upgraded_stream: trio.abc.Stream | None = None
         self.trailing: bytes = b""
         self._finished = False
         #: The body's size when Content-Length frames it (None: chunked, read to the
-        #: close, or no body by definition, as for HEAD, 204 and 304).
-        self.content_length: int | None = connection._body_left
+        #: close, or an upgrade).
+        self.content_length: int | None = None
 
     async def iter_body(self, timeout: float | None = None) -> AsyncIterator[bytes]:
         """Stream the body; ``timeout`` bounds each read (not the whole body)."""
@@ -897,87 +929,36 @@ class ClientResponse:
         return json.loads(self.body)
 
 
+# HTTPConnection states
+_IDLE = "idle"  # ready for a request
+_BUSY = "busy"  # a request/response exchange is under way
+_CLOSED = "closed"  # cannot carry another request (closed, upgraded, or broken mid-way)
+
+
 class HTTPConnection:
-    """A client connection carrying one request at a time (keep-alive when possible)."""
+    """A client connection carrying one request at a time (keep-alive when possible).
+
+    Messages are encoded and parsed by :mod:`.http1` (not h11); see "Fast paths" in the
+    module docstring for how bodies move.
+    """
 
     def __init__(self, stream: trio.abc.Stream, host_header: str) -> None:
         self.stream = stream
         self.host_header = host_header
-        self.conn = h11.Connection(h11.CLIENT)
         self.requests_sent = 0
         self._wire = _Wire(stream)
-        self._new_cycle_state()
-
-    def _new_cycle_state(self, method: str = "GET") -> None:
-        self._method = method
-        # Response body bytes still due when Content-Length frames it (None: it does not).
-        self._body_left: int | None = None
-        self._raw_in = False  # the response body is being read around h11
-        self._raw_out = False  # the request body was sent around h11
+        self._buf = bytearray()  # received, not yet consumed
+        self._state = _IDLE
+        self._method = "GET"
+        self._request_sent = False
         self._keep_alive = True
+        self._framing: str = "length"
+        self._left = 0  # body bytes still due ("length" framing)
+        self._chunks: ChunkedReader | None = None
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE
-
-    async def _next_event(self, timeout: float | None) -> Any:
-        event = self.conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        limit = math.inf if timeout is None else timeout
-        while True:
-            self.conn.receive_data(await self._wire.receive(READ_CHUNK, limit))
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-
-    async def _receive_body_chunk(self, timeout: float) -> bytes | None:
-        """The next piece of the response body; None at its end."""
-        if self._raw_in:
-            return await self._receive_raw_body(timeout)
-        event = self.conn.next_event()
-        if event is h11.NEED_DATA:
-            if self._body_left:
-                # h11 has handed out everything it buffered: the rest comes straight
-                # from the socket.
-                self._raw_in = True
-                return await self._receive_raw_body(timeout)
-            event = await self._next_event(timeout)
-        if isinstance(event, h11.Data):
-            data = bytes(event.data)
-            if self._body_left is not None:
-                self._body_left -= len(data)
-            return data
-        if isinstance(event, h11.EndOfMessage):
-            self._response_done()
-            return None
-        raise trio.BrokenResourceError(f"Connection ended mid-body ({event!r})")
-
-    async def _receive_raw_body(self, timeout: float) -> bytes | None:
-        left = self._body_left
-        if not left:
-            self._response_done()
-            return None
-        data = await self._wire.receive(min(left, BODY_CHUNK), timeout)
-        if not data:
-            raise trio.BrokenResourceError("Connection ended mid-body")
-        self._body_left = left - len(data)
-        return data
-
-    def _response_done(self) -> None:
-        conn = self.conn
-        if not (self._raw_in or self._raw_out):
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            return
-        # A body went around h11, whose state machine is stale on that side: start a
-        # fresh one, as start_next_cycle would, when the exchange is complete. Otherwise
-        # the stale states keep the connection from being reused.
-        our_done = self._raw_out or conn.our_state is h11.DONE
-        their_done = self._body_left == 0 if self._raw_in else conn.their_state is h11.DONE
-        if our_done and their_done and self._keep_alive and not conn.trailing_data[0]:
-            self.conn = h11.Connection(h11.CLIENT)
-            self._new_cycle_state()
+        return self._state is _IDLE
 
     async def request(
         self,
@@ -996,46 +977,60 @@ class HTTPConnection:
         that stops reading), ``response_timeout`` each read of the response head; both
         raise ``trio.TooSlowError``.
         """
+        if self._state is not _IDLE:
+            raise h11.LocalProtocolError(f"Connection cannot send a request ({self._state})")
         headers = list(headers)
-        names = {k.lower() for k, _ in headers}
-        if "host" not in names:
+        length: str | None = None
+        chunked = False
+        hosts = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == "content-length":
+                length = value.strip()
+            elif lname == "transfer-encoding":
+                if value.strip().lower() != "chunked":
+                    raise h11.LocalProtocolError("Only Transfer-Encoding: chunked is supported")
+                chunked = True
+            elif lname == "host":
+                hosts = True
+        if not hosts:
             headers.insert(0, ("Host", self.host_header))
         streaming = not isinstance(body, bytes | bytearray)
-        if (
-            not streaming
-            and "content-length" not in names
-            and (body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"))
-        ):
-            headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
-        elif streaming and "content-length" not in names and "transfer-encoding" not in names:
+        if chunked:
+            length = None
+        elif length is not None:
+            if not length.isdigit():
+                raise h11.LocalProtocolError("Bad Content-Length")
+            if not streaming and int(length) != len(body):  # type: ignore[arg-type]
+                raise h11.LocalProtocolError("Content-Length does not match the body")
+        elif not streaming:
+            if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+                headers.append(("Content-Length", str(len(body))))  # type: ignore[arg-type]
+        else:
             headers.append(("Transfer-Encoding", "chunked"))
-        self._new_cycle_state(method)
+            chunked = True
+        head = encode_request_head(method, target, headers)
+        self._state = _BUSY
+        self._method = method
+        self._request_sent = False
         self._keep_alive = not _asks_to_close_text(headers)
         self.requests_sent += 1
-        conn = self.conn
-        head = conn.send(h11.Request(method=method, target=target, headers=headers))
         wire = self._wire
         limit = math.inf if send_timeout is None else send_timeout
         try:
             if not streaming:
-                data = conn.send(h11.Data(data=body)) if body else b""
-                tail = conn.send(h11.EndOfMessage())
-                if len(data) <= _COALESCE_MAX:
-                    await wire.send_all(head + data + tail, limit)
+                if len(body) <= _COALESCE_MAX:  # type: ignore[arg-type]
+                    await wire.send_all(head + body, limit)  # type: ignore[operator]
                 else:
                     await wire.send_all(head, limit)
-                    await wire.send_all(data, limit)
-                    await wire.send_all(tail, limit)
-            elif "content-length" in names and "transfer-encoding" not in names:
+                    await wire.send_all(body, limit)  # type: ignore[arg-type]
+            elif chunked:
                 await wire.send_all(head, limit)
-                length = next(int(v) for k, v in headers if k.lower() == "content-length")
-                await self._send_raw_body(body, length, limit)  # type: ignore[arg-type]
+                await self._send_chunked_body(body, limit)  # type: ignore[arg-type]
             else:
                 await wire.send_all(head, limit)
-                async for chunk in body:  # type: ignore[union-attr]
-                    if chunk:
-                        await self._send(h11.Data(data=chunk), limit)
-                await self._send(h11.EndOfMessage(), limit)
+                await self._send_sized_body(body, int(length), limit)  # type: ignore[arg-type]
+            self._request_sent = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The server may have answered early (413, 401...) and closed: its answer,
             # if it reached us, is worth more than the broken pipe.
@@ -1048,8 +1043,9 @@ class HTTPConnection:
             raise
         return await self._receive_response_head(response_timeout)
 
-    async def _send_raw_body(self, body: AsyncIterable[bytes], length: int, timeout: float) -> None:
-        """Send a streamed body of a declared length around h11 (see the module doc)."""
+    async def _send_sized_body(
+        self, body: AsyncIterable[bytes], length: int, timeout: float
+    ) -> None:
         sent = 0
         wire = self._wire
         async for chunk in body:
@@ -1061,40 +1057,121 @@ class HTTPConnection:
             await wire.send_all(chunk, timeout)
         if sent != length:
             raise h11.LocalProtocolError("Too little data for declared Content-Length")
-        self._raw_out = True
+
+    async def _send_chunked_body(self, body: AsyncIterable[bytes], timeout: float) -> None:
+        wire = self._wire
+        async for chunk in body:
+            if not chunk:
+                continue
+            before, after = encode_chunk(chunk)
+            if len(chunk) <= _COALESCE_MAX:
+                await wire.send_all(before + chunk + after, timeout)
+            else:
+                await wire.send_all(before, timeout)
+                await wire.send_all(chunk, timeout)
+                await wire.send_all(after, timeout)
+        await wire.send_all(b"0\r\n\r\n", timeout)
 
     async def _receive_response_head(self, response_timeout: float | None) -> ClientResponse:
+        buf = self._buf
+        limit = math.inf if response_timeout is None else response_timeout
+        searched = 0
         while True:
-            event = await self._next_event(response_timeout)
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    response = ClientResponse(self, event)
-                    response.upgraded_stream = self.stream
-                    response.trailing = bytes(self.conn.trailing_data[0])
-                    return response
-                continue  # 100 Continue and friends
-            if isinstance(event, h11.Response):
-                self._start_response(event)
-                return ClientResponse(self, event)
-            raise trio.BrokenResourceError(f"Connection closed before a response ({event!r})")
+            parsed = parse_response_head(buf, searched - 3)
+            if parsed is None:
+                searched = len(buf)
+                data = await self._wire.receive(READ_CHUNK, limit)
+                if not data:
+                    self._state = _CLOSED
+                    raise trio.BrokenResourceError("Connection closed before a response")
+                buf += data
+                continue
+            head, size = parsed
+            del buf[:size]
+            searched = 0
+            if head.status >= 200:
+                return self._start_response(head)
+            if head.status == 101:
+                response = ClientResponse(self, head)
+                response.upgraded_stream = self.stream
+                response.trailing = bytes(buf)
+                buf.clear()
+                self._state = _CLOSED  # the stream now belongs to whoever upgraded it
+                return response
+            # 100 Continue and other interim answers: wait for the final one
 
-    def _start_response(self, event: h11.Response) -> None:
-        headers = event.headers
-        if event.http_version < b"1.1" or _asks_to_close(headers):
+    def _start_response(self, head: ResponseHead) -> ClientResponse:
+        if asks_to_close(head.http_version, head.headers):
             self._keep_alive = False
-        if (
-            self.conn.their_state is h11.SEND_BODY
-            and self._method not in ("HEAD", "CONNECT")
-            and event.status_code not in (204, 304)
-        ):
-            self._body_left = _length_framed(headers)
+        framing, length = response_framing(self._method, head)
+        self._framing = framing
+        self._left = length
+        self._chunks = ChunkedReader() if framing == "chunked" else None
+        response = ClientResponse(self, head)
+        if framing == "length" and head.status not in (204, 304) and self._method != "HEAD":
+            response.content_length = length
+        return response
 
-    async def _send(self, event: Any, timeout: float = math.inf) -> None:
-        data = self.conn.send(event)
+    async def _receive_body_chunk(self, timeout: float) -> bytes | None:
+        """The next piece of the response body; None at its end."""
+        buf = self._buf
+        framing = self._framing
+        if framing == "length":
+            left = self._left
+            if not left:
+                self._response_done()
+                return None
+            if buf:
+                if len(buf) <= left:
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:left])
+                    del buf[:left]
+            else:
+                # Straight from the socket, never past the end of the body.
+                data = await self._wire.receive(min(left, BODY_CHUNK), timeout)
+                if not data:
+                    self._state = _CLOSED
+                    raise trio.BrokenResourceError("Connection ended mid-body")
+            self._left = left - len(data)
+            return data
+        if framing == "chunked":
+            chunks = self._chunks
+            assert chunks is not None
+            while True:
+                data = chunks.read(buf, BODY_CHUNK)
+                if data is None:
+                    more = await self._wire.receive(BODY_CHUNK, timeout)
+                    if not more:
+                        self._state = _CLOSED
+                        raise trio.BrokenResourceError("Connection ended mid-body")
+                    buf += more
+                    continue
+                if not data:
+                    self._response_done()
+                    return None
+                return data
+        # framing == "close": the body ends when the connection does
+        if buf:
+            data = bytes(buf)
+            buf.clear()
+            return data
+        data = await self._wire.receive(BODY_CHUNK, timeout)
         if data:
-            await self._wire.send_all(data, timeout)
+            return data
+        self._keep_alive = False
+        self._response_done()
+        return None
+
+    def _response_done(self) -> None:
+        if self._request_sent and self._keep_alive and not self._buf:
+            self._state = _IDLE
+        else:
+            self._state = _CLOSED
 
     async def aclose(self) -> None:
+        self._state = _CLOSED
         await trio.aclose_forcefully(self.stream)
 
 

@@ -8,9 +8,11 @@ lifetime. It never closes anything; it hands back what must be closed.
 
 :class:`UpstreamPool` is the I/O shell. ``acquire(target)`` takes the most recently idle
 connection for the target's origin, skipping (and closing) any the upstream has closed in
-the meantime: a non-blocking ``MSG_PEEK`` on the socket tells EOF (peer closed) from "would
-block" (still open). If none is left it connects afresh. ``release(origin, conn)`` puts a
-connection back when h11 says it can carry another request, otherwise closes it.
+the meantime: on a plain socket a zero-timeout ``poll(2)`` (any readiness on an idle
+connection, EOF or stray bytes, makes it unusable), under TLS a non-blocking ``MSG_PEEK``
+(EOF closes it; records such as session tickets do not). If none is left it connects
+afresh. ``release(origin, conn)`` puts a connection back when it can carry another
+request (complete exchange, keep-alive on both sides), otherwise closes it.
 ``sweep()`` (called periodically by the proxy) drops idle connections past their lifetime
 or closed by the peer, so half-dead sockets do not linger.
 """
@@ -18,6 +20,7 @@ or closed by the peer, so half-dead sockets do not linger.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 from collections import OrderedDict
@@ -38,6 +41,9 @@ log = logging.getLogger("dask_gateway.web_proxy")
 K = TypeVar("K")
 T = TypeVar("T")
 Origin = tuple[str, str, int]
+
+_HAS_POLL = hasattr(select, "poll")
+_POLL_READ = (select.POLLIN | select.POLLPRI) if _HAS_POLL else 0
 
 
 @dataclass
@@ -152,6 +158,12 @@ def connection_is_open(connection: HTTPConnection) -> bool:
     fd = sock.fileno()
     if fd < 0:
         return False
+    if not tls and _HAS_POLL:
+        # One poll(2) with a zero timeout: any readiness (bytes, EOF, error) means the
+        # connection cannot carry another request.
+        poller = select.poll()
+        poller.register(fd, _POLL_READ)
+        return not poller.poll(0)
     # A stdlib socket object over the same fd, only to peek: detached (never closed)
     # afterwards, the trio socket owns the fd. Family and type are given so nothing is
     # asked of the kernel but the peek itself.

@@ -279,13 +279,35 @@ def is_upgrade_request(headers: Sequence[tuple[str, str]]) -> bool:
     return bool(upgrade and upgrade.strip()) and "upgrade" in connection_tokens(headers)
 
 
+def _scan(headers: Sequence[tuple[str, str]]) -> tuple[list[str], set[str]]:
+    """Lower-cased names (in order) and the names to drop besides the hop-by-hop ones:
+    those listed in ``Connection``, and ``content-length`` beside ``Transfer-Encoding``
+    (a message with Transfer-Encoding is framed by it; a Content-Length beside it is
+    meaningless and, forwarded alone, would misframe the body: request smuggling)."""
+    lowered = []
+    named: set[str] = set()
+    for name, value in headers:
+        lname = name.lower()
+        lowered.append(lname)
+        if lname == "connection":
+            named.update(t.strip().lower() for t in value.split(",") if t.strip())
+        elif lname == "transfer-encoding":
+            named.add("content-length")
+    return lowered, named
+
+
 def _strip_hop_by_hop(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    named = connection_tokens(headers)
-    # A message with Transfer-Encoding is framed by it; a Content-Length beside it is
-    # meaningless and, forwarded alone, would misframe the body (request smuggling).
-    if any(k.lower() == "transfer-encoding" for k, _ in headers):
-        named.add("content-length")
-    return [(k, v) for k, v in headers if not is_hop_by_hop(k) and k.lower() not in named]
+    lowered, named = _scan(headers)
+    return [
+        item
+        for lname, item in zip(lowered, headers, strict=True)
+        if lname not in _HOP_BY_HOP and lname not in named and not lname.startswith("proxy-")
+    ]
+
+
+# Request headers we drop and set ourselves.
+_REPLACED = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+_REQUEST_DROP = _HOP_BY_HOP | _REPLACED
 
 
 def rewrite_request_headers(
@@ -303,16 +325,24 @@ def rewrite_request_headers(
     this request is a protocol upgrade to pass through (keeps ``Upgrade`` and sends
     ``Connection: Upgrade``).
     """
-    incoming_host = _get(headers, "host")
-    forwarded_for = [v.strip() for k, v in headers if k.lower() == "x-forwarded-for"]
-    upgrade_value = _get(headers, "upgrade") if upgrade else None
+    lowered, named = _scan(headers)
+    incoming_host = None
+    upgrade_value = None
+    chain: list[str] = []
     out: list[tuple[str, str]] = [("Host", authority)]
-    for name, value in _strip_hop_by_hop(headers):
-        lname = name.lower()
-        if lname in ("host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"):
+    for lname, item in zip(lowered, headers, strict=True):
+        if lname in _REQUEST_DROP or lname in named or lname.startswith("proxy-"):
+            if lname == "host":
+                if incoming_host is None:
+                    incoming_host = item[1]
+            elif lname == "x-forwarded-for":
+                value = item[1].strip()
+                if value:
+                    chain.append(value)
+            elif lname == "upgrade" and upgrade_value is None:
+                upgrade_value = item[1]
             continue
-        out.append((name, value))
-    chain = [v for v in forwarded_for if v]
+        out.append(item)
     if client_ip:
         chain.append(client_ip)
     if chain:
@@ -320,7 +350,7 @@ def rewrite_request_headers(
     out.append(("X-Forwarded-Proto", proto))
     if incoming_host:
         out.append(("X-Forwarded-Host", incoming_host))
-    if upgrade_value:
+    if upgrade and upgrade_value:
         out.append(("Connection", "Upgrade"))
         out.append(("Upgrade", upgrade_value))
     return out
