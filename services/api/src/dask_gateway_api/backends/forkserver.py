@@ -32,6 +32,11 @@ fork, so only the default commands of this interpreter with no per-cluster envir
 are forked (:func:`fork_plan`; the backend checks the environment); everything else is
 started with a plain ``exec`` as before.
 
+A child shows up in ``ps`` as ``dask scheduler ...`` / ``dask worker ...`` (its command
+line is rewritten in place, truncated to the length of the fork server's) with the short
+name ``dask-scheduler`` / ``dask-worker``; ``/proc/<pid>/environ`` still shows the fork
+server's initial environment (the kernel never updates it), ``os.environ`` is right.
+
 Lifetime: the fork server ignores ``SIGCHLD``, so the kernel reaps its children (never
 zombies; the API watches them by pid and pidfd like any adopted process). It runs in its
 own session and exits when the API's end of the socket closes; its children keep running
@@ -436,14 +441,27 @@ def serve(sock: socket.socket) -> _Child | None:
             return child
 
 
-def _set_process_name(name: str) -> None:
-    """Best effort: the kernel's short name (``ps -o comm``, ``top``) of this process."""
+def _set_process_name(name: str, argv: Sequence[str]) -> None:
+    """Best effort: make ``ps``/``top`` show this child as what it runs, not as the fork
+    server. Sets the kernel's short name (``comm``: ``pgrep dask-worker`` finds it) and
+    rewrites the command line in place (truncated to the fork server's own length)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except Exception:
+        pass
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5) 48, 49)
+        size = end - start
+        title = "\0".join(argv).encode()[: size - 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(title + b"\0" * (size - len(title)))
+    except (OSError, ValueError, IndexError):
         pass
 
 
@@ -514,7 +532,7 @@ def _become(child: _Child, sock: socket.socket) -> int:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
-    _set_process_name(f"dask-{plan.role}")
+    _set_process_name(f"dask-{plan.role}", ["dask", plan.role, *plan.args])
 
     import dask.config
 

@@ -24,8 +24,8 @@ already imported distributed. The default commands (``dask scheduler`` / ``dask 
 this interpreter) of a cluster without a custom ``environment`` are forked from it instead
 of exec'd, which saves the seconds of imports of each process (the worker's nanny then
 forks its worker process too). A forked process is described and watched exactly like an
-adopted one (pid + start time + command line, pidfd); its command line is the fork
-server's. Until the fork server is ready, or if it fails, processes are exec'd as usual.
+adopted one (pid + start time + boot id, pidfd). Until the fork server is ready, or if it
+fails, processes are exec'd as usual.
 
 The pure parts (commands, environment, ``/proc`` parsing) are module-level functions so
 they are testable without processes.
@@ -387,11 +387,14 @@ class LocalBackend(Backend):
             except ForkServerError as exc:
                 log.warning("%s; starting %s with exec instead", exc, log_path.name)
             else:
+                # Identity is pid + start time (+ boot id): a forked child rewrites its
+                # command line. One already gone gets an impossible start time.
+                starttime = _proc_starttime(pid)
                 return {
                     "pid": pid,
-                    "starttime": _proc_starttime(pid),
+                    "starttime": -1 if starttime is None else starttime,
                     "boot_id": boot_id(),
-                    "argv_tail": server.argv[1:],
+                    "argv_tail": [],
                     "log": str(log_path),
                     "forked": True,
                 }
