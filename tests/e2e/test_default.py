@@ -281,6 +281,61 @@ def test_s06_full_happy_path_asynchronous(gw: GatewayUnderTest) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 140))
 
 
+def test_s01_s05_s12_s13_asynchronous_client(gw: GatewayUnderTest, running: GatewayCluster) -> None:
+    """The request/response scenarios once more with ``asynchronous=True``."""
+
+    async def scenario() -> None:
+        async with (
+            Gateway(
+                gw.address,
+                proxy_address=gw.proxy_address,
+                auth=BasicAuth("alice", ""),
+                asynchronous=True,
+            ) as alice,
+            Gateway(
+                gw.address,
+                proxy_address=gw.proxy_address,
+                auth=BasicAuth("bob", ""),
+                asynchronous=True,
+            ) as bob,
+        ):
+            versions = await alice.get_versions()
+            assert versions["client"] == {"version": "2026.3.0"}
+            opts = await alice.cluster_options()
+            assert dict(opts) == DEFAULT_OPTIONS
+            assert running.name in {r.name for r in await alice.list_clusters()}
+            report = await alice.get_cluster(running.name)
+            assert report.status is ClusterStatus.RUNNING
+            with pytest.raises(ValueError):
+                await alice.get_cluster("nope")
+            with pytest.raises(ValueError):
+                await alice.scale_cluster("nope", 1)
+            assert await alice.stop_cluster("nope") is None
+            with pytest.raises(aiohttp.ClientResponseError) as info:
+                await bob.get_cluster(running.name)
+            assert info.value.status == 403
+            assert await bob.list_clusters() == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_client_configured_from_dask_config(gw: GatewayUnderTest, running: GatewayCluster) -> None:
+    """Spec §11 harness note: the client may take everything from dask config."""
+    settings = {
+        "gateway.address": gw.address,
+        "gateway.proxy-address": gw.proxy_address,
+        "gateway.auth.type": "basic",
+        "gateway.auth.kwargs": {"username": "alice", "password": ""},
+    }
+    with dask.config.set(settings), Gateway() as gateway:
+        assert running.name in names(gateway.list_clusters())
+        cluster = gateway.connect(running.name)
+        try:
+            assert cluster.scheduler_address == f"{proxy_gateway_address(gw)}/{running.name}"
+        finally:
+            cluster.close()
+
+
 # --- 7. report fields -------------------------------------------------------------------
 
 
