@@ -12,6 +12,7 @@ from .errors import ApiError
 from .kubelet import Kubelet, PodMatch, default_base_env
 from .selectors import parse_field_selector, parse_label_selector
 from .store import Store, Watcher, WatchEvent
+from .waiting import poll_until
 
 __all__ = [
     "ApiError",
@@ -26,4 +27,5 @@ __all__ = [
     "default_base_env",
     "parse_field_selector",
     "parse_label_selector",
+    "poll_until",
 ]

@@ -464,10 +464,12 @@ def test_unknown_paths_and_methods(kube: KubeEmulator, api: client.CoreV1Api) ->
         urllib.request.urlopen(kube.url + "/api/v1/namespaces/default/widgets", timeout=5)
     assert unknown.value.code == 404
     assert json.loads(unknown.value.read())["kind"] == "Status"
+    unknown.value.close()
     request = urllib.request.Request(kube.url + "/api/v1/pods", data=b"{}", method="POST")
     with pytest.raises(urllib.error.HTTPError) as not_allowed:
         urllib.request.urlopen(request, timeout=5)
     assert not_allowed.value.code == 405
+    not_allowed.value.close()
     malformed = urllib.request.Request(
         kube.url + "/api/v1/namespaces/default/pods",
         data=b"{not json",
@@ -477,3 +479,4 @@ def test_unknown_paths_and_methods(kube: KubeEmulator, api: client.CoreV1Api) ->
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.urlopen(malformed, timeout=5)
     assert bad.value.code == 400
+    bad.value.close()

@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.k8s_emulator import KubeEmulator
+from tests.k8s_emulator import KubeEmulator, poll_until
 
 NS = "default"
 
@@ -215,11 +215,17 @@ def test_closed_watch_is_resumed_by_the_client_from_its_last_version(
         assert events.get(timeout=10) == ("ADDED", "first")
         first_rv = api.read_namespaced_pod("first", NS).metadata.resource_version
         kube.close_watches()  # like an apiserver restart: the stream just ends
+        watches = poll_until(
+            lambda: (
+                (found := [r for r in kube.requests if r.query.get("watch") == "true"])[1:]
+                and found
+            ),
+            timeout=10,
+            what="the client reconnects",
+        )
+        assert watches[1].query.get("resourceVersion") == first_rv
         api.create_namespaced_pod(NS, pod("second"))
         assert events.get(timeout=10) == ("ADDED", "second")
-        watches = [r for r in kube.requests if r.query.get("watch") == "true"]
-        assert len(watches) >= 2
-        assert watches[1].query.get("resourceVersion") == first_rv
     finally:
         api.create_namespaced_pod(NS, pod("stop"))
         thread.join(timeout=10)
@@ -264,11 +270,8 @@ def test_send_initial_events_ends_with_a_marked_bookmark(kube: KubeEmulator) -> 
 def test_server_notices_a_departed_watcher(kube: KubeEmulator) -> None:
     url = f"{kube.url}/api/v1/namespaces/{NS}/pods?watch=true"
     response = urllib.request.urlopen(url, timeout=10)
-    deadline = time.monotonic() + 10
-    while not kube._server.connections and time.monotonic() < deadline:  # type: ignore[union-attr]
-        time.sleep(0.01)
-    assert kube._server.connections  # type: ignore[union-attr]
+    server = kube._server
+    assert server is not None
+    poll_until(lambda: server.connections, timeout=10, what="the watch is open")
     response.close()
-    while kube._server.connections and time.monotonic() < deadline:  # type: ignore[union-attr]
-        time.sleep(0.01)
-    assert not kube._server.connections  # type: ignore[union-attr]
+    poll_until(lambda: not server.connections, timeout=10, what="the server notices the departure")
