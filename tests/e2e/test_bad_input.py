@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from tests.e2e.harness import (
     GatewayUnderTest,
     basic,
     default_config,
+    parse_response,
     running_gateway,
     send_oversized,
     time_limit,
@@ -249,3 +251,45 @@ def test_bad_input_state_unchanged_for_the_client(gw: GatewayUnderTest, name: st
         assert report.options == {"worker_cores": 1, "size": "small"}
     with gw.client("bob") as bob:
         assert bob.list_clusters(status=["running", "stopped", "failed", "pending"]) == []
+
+
+FRAMING_CASES = {
+    "garbage-request-line": b"GARBAGE\r\n\r\n",
+    "missing-host": b"GET /api/version HTTP/1.1\r\n\r\n",
+    "conflicting-content-length": (
+        b"POST /api/v1/clusters/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Content-Length: 6\r\n\r\nhello!"
+    ),
+    "bad-chunk-size": (
+        b"POST /api/v1/clusters/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YWxpY2U6\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    ),
+    "header-without-colon": b"GET /api/version HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", FRAMING_CASES.values(), ids=FRAMING_CASES.keys())
+def test_bad_http_framing(gw: GatewayUnderTest, name: str, raw: bytes) -> None:
+    """Unparseable HTTP: 400 JSON, then the connection is closed (framing is lost)."""
+    before = snapshot(gw)
+    host, port = gw.web_host_port
+    received = b""
+    closed = False
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(raw)
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    closed = True
+                    break
+                received += data
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            closed = True
+    resp = parse_response(received)
+    assert resp.status == 400, resp
+    assert resp.error()
+    assert closed, f"connection left open after a framing error: {resp!r}"
+    assert snapshot(gw) == before
