@@ -7,6 +7,7 @@ a user's whole cluster list, so scenarios do not see each other's clusters.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -622,6 +623,33 @@ def test_s28_token_endpoints(gw: GatewayUnderTest, alice: Gateway, running: Gate
         # The forged heartbeats changed nothing.
         assert gw.wire_cluster(running.name)["status"] == "RUNNING"
         assert gw.wire_cluster(running.name)["dashboard_route"] is not None
+
+        # The right token with a garbage body (a confused or hostile scheduler): a clear
+        # 4xx, and the cluster is unaffected.
+        own_heartbeat = f"/api/v1/clusters/{other.name}/heartbeat"
+        token_header = {"Authorization": f"token {other_token}"}
+        for bad in (
+            b"{not json",
+            b"[]",
+            json.dumps({**body, "count": "many"}).encode(),
+            json.dumps({**body, "active_workers": 5}).encode(),
+            json.dumps({**body, "closed_workers": [1, 2]}).encode(),
+            json.dumps({**body, "scheduler_address": 7}).encode(),
+        ):
+            resp = gw.raw(
+                "POST",
+                own_heartbeat,
+                headers={**token_header, "Content-Type": "application/json"},
+                body=bad,
+            )
+            assert resp.status in (400, 422), (bad, resp)
+            assert resp.error()
+        assert alice.get_cluster(other.name).status is ClusterStatus.RUNNING
+        client = other.get_client(set_as_default=False)
+        try:
+            assert client.scheduler_info()["type"] == "Scheduler"
+        finally:
+            client.close()
 
         # Another cluster's token does not stop this one (falls through to user auth: 401).
         resp = gw.raw(
