@@ -326,7 +326,8 @@ class GatewayUnderTest:
 
     local: LocalGateway
     default_password: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Values that must never appear in a service log (checked when the gateway stops).
+    secrets: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -463,12 +464,19 @@ def running_gateway(
     *,
     default_password: str = "",
     env: dict[str, str] | None = None,
+    log_level: str = "INFO",
 ) -> Iterator[GatewayUnderTest]:
-    """Start the three services with ``config``; stop them (and check for leaks) after."""
+    """Start the three services with ``config``; stop them after, checking that no cluster
+    process outlives them and that no secret reached their logs."""
     workdir = tmp_path_factory.mktemp(name)
-    local = LocalGateway(workdir=workdir, config=config, ports=Ports.free(), env=env or {})
+    local = LocalGateway(
+        workdir=workdir, config=config, ports=Ports.free(), env=env or {}, log_level=log_level
+    )
     ACTIVE.append(local)
     gateway = GatewayUnderTest(local, default_password=default_password)
+    gateway.secrets.append(local.proxy_token)
+    if default_password:
+        gateway.secrets.append(default_password)
     leftovers: list[int] = []
     try:
         local.start(timeout=60)
@@ -486,6 +494,10 @@ def running_gateway(
         f"gateway {name!r}: {len(leftovers)} cluster process(es) still alive 20 s after the "
         f"API stopped (killed now: {leftovers})\n{gateway.log_tails()}"
     )
+    for service in ("api", "web-proxy", "scheduler-proxy"):
+        text = (workdir / "logs" / f"{service}.log").read_text(errors="replace")
+        leaked = [i for i, secret in enumerate(gateway.secrets) if secret and secret in text]
+        assert not leaked, f"gateway {name!r}: secret(s) #{leaked} appear in the {service} log"
 
 
 # --- cluster helpers --------------------------------------------------------------------

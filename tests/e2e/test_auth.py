@@ -18,7 +18,7 @@ from tests.e2e.harness import (
     running_gateway,
 )
 
-PASSWORD = "pw"
+PASSWORD = "e2e-shared-password-7f3a"  # distinctive: the logs are searched for it
 COOKIE_MAX_AGE = 2
 
 
@@ -26,7 +26,7 @@ COOKIE_MAX_AGE = 2
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayUnderTest]:
     config = base_config(auth={"password": PASSWORD, "cookie_max_age": COOKIE_MAX_AGE})
     with running_gateway(
-        tmp_path_factory, "password", config, default_password=PASSWORD
+        tmp_path_factory, "password", config, default_password=PASSWORD, log_level="DEBUG"
     ) as gateway:
         yield gateway
 

@@ -62,7 +62,10 @@ DEFAULT_OPTIONS = {"worker_cores": 1, "size": "small"}
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayUnderTest]:
-    with running_gateway(tmp_path_factory, "default", default_config()) as gateway:
+    # DEBUG: the logs are searched for secrets at the end (tokens, cookies).
+    with running_gateway(
+        tmp_path_factory, "default", default_config(), log_level="DEBUG"
+    ) as gateway:
         yield gateway
 
 
@@ -145,6 +148,7 @@ def test_s02_auth_handshake_and_cookie_raw(gw: GatewayUnderTest) -> None:
     assert morsel["path"] == "/", set_cookies
     assert morsel["max-age"] == "600", set_cookies
 
+    gw.secrets.append(morsel.value)
     cookie_header = f"{cookie_name}={morsel.value}"
     resp = gw.raw("GET", "/api/v1/clusters/", headers={"Cookie": cookie_header})
     assert resp.status == 200, resp
@@ -599,6 +603,7 @@ def test_s28_token_endpoints(gw: GatewayUnderTest, alice: Gateway, running: Gate
         finally:
             client.close()
         assert other_token
+        gw.secrets.append(other_token)
 
         heartbeat = f"/api/v1/clusters/{running.name}/heartbeat"
         body = {
