@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.k8s_emulator.selectors import (
@@ -96,6 +96,7 @@ label_keys = st.from_regex(r"\A[a-z][a-z0-9]{0,10}\Z")
 label_values = st.from_regex(r"\A([a-z0-9]([a-z0-9.\-_]{0,8}[a-z0-9])?)?\Z")
 
 
+@settings(max_examples=60, deadline=None)
 @given(
     st.dictionaries(label_keys, label_values, max_size=5),
     st.dictionaries(label_keys, label_values, max_size=5),
