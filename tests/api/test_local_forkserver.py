@@ -9,6 +9,7 @@ Then it kills the fork server and checks that the backend falls back to exec.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -273,91 +274,103 @@ def gone(pid: int) -> bool:
 
 async def test_forked_scheduler_and_worker_behave_like_execd_ones(tmp_path: Path) -> None:
     root = tmp_path / "clusters"
-    with trio.fail_after(150):
-        async with (
-            open_local_backend(root, stop_grace=5, fork_server=False) as backend,
-            trio.open_nursery() as nursery,
-        ):
-            await nursery.start(backend.run_fork_server)
-            server = backend.fork_server
-            assert server is not None
+    started: list[dict] = []  # states of process group leaders, killed whatever happens
+    try:
+        with trio.fail_after(150):
+            async with (
+                open_local_backend(root, stop_grace=5, fork_server=False) as backend,
+                trio.open_nursery() as nursery,
+            ):
+                await nursery.start(backend.run_fork_server)
+                server = backend.fork_server
+                assert server is not None
 
-            launch = make_launch("forked1")
-            sched = await backend.start_scheduler(launch)
-            assert sched["forked"] is True
-            pid = sched["pid"]
-            workdir = root / "forked1"
-            slog = workdir / "logs" / "scheduler.log"
-            address = (await wait_for_log(slog, r"Scheduler at:\s+(tls://\S+)")).group(1)
+                launch = make_launch("forked1")
+                sched = await backend.start_scheduler(launch)
+                assert sched["forked"] is True
+                pid = sched["pid"]
+                started.append(sched)
+                workdir = root / "forked1"
+                slog = workdir / "logs" / "scheduler.log"
+                address = (await wait_for_log(slog, r"Scheduler at:\s+(tls://\S+)")).group(1)
 
-            # Exactly the environment an exec'd scheduler gets, in its own session and
-            # working directory, a child of the fork server, watched by identity.
-            certs = workdir / ".certs"
-            expected = process_environment(
-                launch,
-                role="scheduler",
-                cert_path=str(certs / "dask.crt"),
-                key_path=str(certs / "dask.pem"),
-                token_path=str(certs / "api-token"),
-                parent_env=os.environ,
-            )
-            assert os.getsid(pid) == pid
-            assert os.readlink(f"/proc/{pid}/cwd") == str(workdir)
-            assert pid in children_of(server.pid)
-            assert proc_file(pid, "comm").strip() == b"dask-scheduler"
-            assert proc_file(pid, "cmdline").startswith(b"dask\0scheduler\0--protocol\0tls")
-            assert os.readlink(f"/proc/{pid}/fd/1") == str(slog)
-            assert backend.is_alive(sched) and same_process_alive(sched)
-            assert not same_process_alive(dict(sched, starttime=sched["starttime"] + 1))
-            # The official preload ran with the gateway's flags.
-            await wait_for_log(slog, r"dask_gateway.scheduler_preload")
+                # Exactly the environment an exec'd scheduler gets, in its own session and
+                # working directory, a child of the fork server, watched by identity.
+                certs = workdir / ".certs"
+                expected = process_environment(
+                    launch,
+                    role="scheduler",
+                    cert_path=str(certs / "dask.crt"),
+                    key_path=str(certs / "dask.pem"),
+                    token_path=str(certs / "api-token"),
+                    parent_env=os.environ,
+                )
+                assert os.getsid(pid) == pid
+                assert os.readlink(f"/proc/{pid}/cwd") == str(workdir)
+                assert pid in children_of(server.pid)
+                assert proc_file(pid, "comm").strip() == b"dask-scheduler"
+                assert proc_file(pid, "cmdline").startswith(b"dask\0scheduler\0--protocol\0tls")
+                assert os.readlink(f"/proc/{pid}/fd/1") == str(slog)
+                assert backend.is_alive(sched) and same_process_alive(sched)
+                assert not same_process_alive(dict(sched, starttime=sched["starttime"] + 1))
+                # The official preload ran with the gateway's flags.
+                await wait_for_log(slog, r"dask_gateway.scheduler_preload")
 
-            # A worker: forked nanny, which forks its worker process.
-            wlaunch = dataclasses.replace(launch, scheduler_address=address)
-            worker = await backend.start_worker(wlaunch, "w1")
-            assert worker["forked"] is True
-            nanny = worker["pid"]
-            wlog = workdir / "logs" / "worker-w1.log"
-            await wait_for_log(wlog, r"Registered to:\s+" + re.escape(address))
-            nanny_port = int((await wait_for_log(wlog, r"Start Nanny at: 'tls://[\d.]+:(\d+)'"))[1])
-            (child,) = children_of(nanny)
-            # Forked, not spawned (a spawned one runs "python -c from multiprocessing..."):
-            # it has the nanny's command line.
-            assert proc_file(child, "cmdline").startswith(b"dask\0worker\0tls://")
-            assert listening_inode(nanny_port) not in socket_inodes(child)
+                # A worker: forked nanny, which forks its worker process.
+                wlaunch = dataclasses.replace(launch, scheduler_address=address)
+                worker = await backend.start_worker(wlaunch, "w1")
+                assert worker["forked"] is True
+                nanny = worker["pid"]
+                started.append(worker)
+                wlog = workdir / "logs" / "worker-w1.log"
+                await wait_for_log(wlog, r"Registered to:\s+" + re.escape(address))
+                nanny_port = int(
+                    (await wait_for_log(wlog, r"Start Nanny at: 'tls://[\d.]+:(\d+)'"))[1]
+                )
+                (child,) = children_of(nanny)
+                # Forked, not spawned (a spawned one runs "python -c from multiprocessing..."):
+                # it has the nanny's command line.
+                assert proc_file(child, "cmdline").startswith(b"dask\0worker\0tls://")
+                assert listening_inode(nanny_port) not in socket_inodes(child)
 
-            # What the processes see: the request's environment and configuration.
-            seen = await trio.to_thread.run_sync(introspect, address, certs)
-            assert seen["result"] == 42
-            sched_seen, worker_seen = seen["scheduler"], seen["worker"]
-            # (dask's CLI itself adds __DASK_PARENT_PID, exec'd or not)
-            assert sched_seen["env"] == {**expected, "__DASK_PARENT_PID": str(pid)}
-            assert sched_seen["cwd"] == str(workdir)
-            assert sched_seen["argv"][:2] == [os.path.join(BIN, "dask"), "scheduler"]
-            assert sched_seen["ca"] == str(certs / "dask.crt")
-            wenv = worker_seen["env"]
-            assert wenv["DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"] == str(certs / "dask.pem")
-            assert "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY" not in wenv
-            assert wenv["OMP_NUM_THREADS"] == "1"  # the nanny's pre-spawn environment
-            assert worker_seen["random"] != sched_seen["random"]  # numpy reseeded
+                # What the processes see: the request's environment and configuration.
+                seen = await trio.to_thread.run_sync(introspect, address, certs)
+                assert seen["result"] == 42
+                sched_seen, worker_seen = seen["scheduler"], seen["worker"]
+                # (dask's CLI itself adds __DASK_PARENT_PID, exec'd or not)
+                assert sched_seen["env"] == {**expected, "__DASK_PARENT_PID": str(pid)}
+                assert sched_seen["cwd"] == str(workdir)
+                assert sched_seen["argv"][:2] == [os.path.join(BIN, "dask"), "scheduler"]
+                assert sched_seen["ca"] == str(certs / "dask.crt")
+                wenv = worker_seen["env"]
+                assert wenv["DASK_DISTRIBUTED__COMM__TLS__WORKER__KEY"] == str(certs / "dask.pem")
+                assert "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY" not in wenv
+                assert wenv["OMP_NUM_THREADS"] == "1"  # the nanny's pre-spawn environment
+                assert worker_seen["random"] != sched_seen["random"]  # numpy reseeded
 
-            # Restart semantics: the worker process honours SIGTERM and the nanny
-            # starts a new one, which registers again.
-            os.kill(child, signal.SIGTERM)
-            await wait_for_log(wlog, r"Registered to:", count=2)
-            (new_child,) = children_of(nanny)
-            assert new_child != child
+                # Restart semantics: the worker process honours SIGTERM and the nanny
+                # starts a new one, which registers again.
+                os.kill(child, signal.SIGTERM)
+                await wait_for_log(wlog, r"Registered to:", count=2)
+                (new_child,) = children_of(nanny)
+                assert new_child != child
 
-            # The fork server goes away: workers are exec'd instead.
-            os.kill(server.pid, signal.SIGKILL)
-            worker2 = await backend.start_worker(wlaunch, "w2")
-            assert "forked" not in worker2
-            await wait_for_log(workdir / "logs" / "worker-w2.log", r"Registered to:")
+                # The fork server goes away: workers are exec'd instead.
+                os.kill(server.pid, signal.SIGKILL)
+                worker2 = await backend.start_worker(wlaunch, "w2")
+                started.append(worker2)
+                assert "forked" not in worker2
+                await wait_for_log(workdir / "logs" / "worker-w2.log", r"Registered to:")
 
-            await backend.stop_cluster("forked1", sched, {"w1": worker, "w2": worker2})
-            for p in (pid, nanny, new_child, worker2["pid"]):
-                assert gone(p), p
-            nursery.cancel_scope.cancel()
+                await backend.stop_cluster("forked1", sched, {"w1": worker, "w2": worker2})
+                for p in (pid, nanny, new_child, worker2["pid"]):
+                    assert gone(p), p
+                nursery.cancel_scope.cancel()
+    finally:
+        for state in started:
+            if same_process_alive(state):
+                with contextlib.suppress(OSError):
+                    os.killpg(state["pid"], signal.SIGKILL)
 
 
 def test_socket_helper_sees_only_inet_sockets() -> None:
