@@ -36,7 +36,7 @@ from typing import Any
 from apibench import workloads
 from apibench.logs import EVENTS
 from apibench.table import Row, render, render_timeline
-from apibench.targets import OurTarget, TargetError, UpstreamTarget, kill_leftovers
+from apibench.targets import OurTarget, TargetError, UpstreamTarget, kill_leftovers, pss_bytes
 from harness.measure import rss_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -131,6 +131,8 @@ class Run:
             helpers = t.helper_pids()
             if helpers:
                 self.values[t.label][f"helper_rss_{suffix}"] = rss_bytes(helpers.values()) / MiB
+            group = t.cluster_pids() + list(helpers.values())
+            self.values[t.label][f"cluster_pss_{suffix}"] = pss_bytes(group) / MiB
 
     # -- phases
     def start(self) -> None:
@@ -271,6 +273,11 @@ class Run:
                     "fork server RSS idle, MiB",
                     "helper_rss_idle",
                     note="ours only, shared with forked dask processes",
+                ),
+                row(
+                    f"{self.plan.clusters} idle clusters' processes, PSS MiB",
+                    "cluster_pss_20",
+                    note="schedulers (+ ours: fork server), shared pages counted once",
                 ),
             ]
         )

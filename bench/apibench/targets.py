@@ -77,10 +77,10 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def kill_leftovers(run_dir: Path) -> list[int]:
-    """SIGKILL every process whose working directory lies under ``run_dir``; their pids."""
-    run_dir = run_dir.resolve()
-    killed = []
+def processes_under(directory: Path) -> list[int]:
+    """Pids of the processes (other than this one) working in ``directory`` or below."""
+    directory = directory.resolve()
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -88,13 +88,37 @@ def kill_leftovers(run_dir: Path) -> list[int]:
             cwd = Path(os.readlink(f"/proc/{entry}/cwd"))
         except OSError:
             continue
-        if cwd == run_dir or run_dir in cwd.parents:
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
-            except OSError:
-                pass
+        if cwd == directory or directory in cwd.parents:
+            found.append(int(entry))
+    return found
+
+
+def kill_leftovers(run_dir: Path) -> list[int]:
+    """SIGKILL every process whose working directory lies under ``run_dir``; their pids."""
+    killed = []
+    for pid in processes_under(run_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
     return killed
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Summed proportional set size: shared pages split between their users, so the sum
+    over a group of processes is the memory the group really occupies."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 class OurTarget:
@@ -164,6 +188,10 @@ class OurTarget:
     def cluster_logs(self, name: str) -> tuple[Path, list[Path]]:
         logs = self.dir / "clusters" / name / "logs"
         return logs / "scheduler.log", sorted(logs.glob("worker-*.log"))
+
+    def cluster_pids(self) -> list[int]:
+        """Every dask process of this target (they work in their cluster's directory)."""
+        return processes_under(self.dir / "clusters")
 
 
 class UpstreamTarget:
@@ -273,6 +301,10 @@ class UpstreamTarget:
     def cluster_logs(self, name: str) -> tuple[Path, list[Path]]:
         logs = self.dir / "clusters" / name / "logs"
         return logs / "scheduler.log", sorted(logs.glob("worker-*.log"))
+
+    def cluster_pids(self) -> list[int]:
+        """Every dask process of this target (they work in their cluster's directory)."""
+        return processes_under(self.dir / "clusters")
 
 
 Target = OurTarget | UpstreamTarget
