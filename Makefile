@@ -17,6 +17,7 @@ install: $(BIN)/python
 	$(PIP) install --quiet -c $(CONSTRAINTS) $(PACKAGES)
 
 install-test: install
+	bash tools/install_auth_deps.sh
 	$(PIP) install --quiet -c $(CONSTRAINTS) -r requirements/test.txt
 	$(BIN)/python tools/install_helm.py
 
