@@ -211,6 +211,8 @@ def introspect(address: str, certs: Path) -> dict[str, object]:
     )
 
     def state() -> dict[str, object]:
+        import multiprocessing
+
         import dask
 
         return {
@@ -219,6 +221,7 @@ def introspect(address: str, certs: Path) -> dict[str, object]:
             "argv": list(sys.argv),
             "ca": dask.config.get("distributed.comm.tls.ca-file"),
             "random": numpy.random.randint(1 << 62),
+            "authkey": multiprocessing.current_process().authkey.hex(),
         }
 
     with Client(address, security=security, timeout=30) as client:
@@ -347,6 +350,7 @@ async def test_forked_scheduler_and_worker_behave_like_execd_ones(tmp_path: Path
                 assert "DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__KEY" not in wenv
                 assert wenv["OMP_NUM_THREADS"] == "1"  # the nanny's pre-spawn environment
                 assert worker_seen["random"] != sched_seen["random"]  # numpy reseeded
+                assert worker_seen["authkey"] != sched_seen["authkey"]
 
                 # Restart semantics: the worker process honours SIGTERM and the nanny
                 # starts a new one, which registers again.

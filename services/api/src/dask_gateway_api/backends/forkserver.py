@@ -18,7 +18,9 @@ answers with the child's pid. The child becomes exactly the program of the reque
 - the request's environment *replaces* ``os.environ`` and dask's configuration is re-read
   from it (``dask.config.refresh``), so the per-cluster TLS paths and tokens apply;
 - ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would after an ``exec``;
-  Python's ``random`` reseeds itself at fork and numpy's global generator is reseeded;
+  Python's ``random`` reseeds itself at fork, numpy's global generator is reseeded and
+  multiprocessing gets a fresh authkey (the ``str`` hash seed stays the fork server's:
+  the forked processes of one API run share it, which dask.bag's hashing even prefers);
 - then it runs the same click command ``dask scheduler`` / ``dask worker`` runs and
   leaves through a normal interpreter exit (atexit handlers and finalizers run).
 
@@ -532,6 +534,9 @@ def _become(child: _Child, sock: socket.socket) -> int:
     numpy_random = sys.modules.get("numpy.random")
     if numpy_random is not None:
         numpy_random.seed()
+    import multiprocessing
+
+    multiprocessing.current_process().authkey = os.urandom(32)
     _set_process_name(f"dask-{plan.role}", ["dask", plan.role, *plan.args])
 
     import dask.config
