@@ -665,6 +665,10 @@ def validate_metadata(rt: ResourceType, meta: Mapping[str, Any]) -> list[Cause]:
             )
     if sum(len(str(k)) + len(str(v)) for k, v in annotations.items()) > MAX_ANNOTATIONS_BYTES:
         causes.append(Cause("metadata.annotations", "Too long", "must have at most 262144 bytes"))
+    for key in ("ownerReferences", "finalizers"):
+        if not isinstance(meta.get(key) or [], list):
+            causes.append(Cause(f"metadata.{key}", "Invalid value", "must be a list"))
+            return causes
     for i, ref in enumerate(meta.get("ownerReferences") or []):
         for key in ("apiVersion", "kind", "name", "uid"):
             if not (isinstance(ref, dict) and ref.get(key)):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import copy
 import json
 import random
@@ -33,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,9 +391,11 @@ class Store:
             ):
                 meta.pop(server_field, None)
             obj["kind"], obj["apiVersion"] = rt.kind, "v1"
-            rt.default(obj, self)
             name = str(meta.get("name") or meta.get("generateName") or "")
-            raise_invalid(rt, name, validate_metadata(rt, meta) + rt.validate(obj))
+            with _decoding(rt):
+                rt.default(obj, self)
+                causes = validate_metadata(rt, meta) + rt.validate(obj)
+            raise_invalid(rt, name, causes)
             key = self._key(rt, namespace, meta["name"])
             if key in self._objects[plural]:
                 raise already_exists(plural, meta["name"])
@@ -560,9 +563,12 @@ class Store:
             else:
                 meta.pop(key, None)
         meta["resourceVersion"] = old_meta["resourceVersion"]
-        causes = rt.prepare_update(old, new, subresource)
-        if not causes:
-            causes = validate_metadata(rt, meta) + (rt.validate(new) if subresource is None else [])
+        with _decoding(rt):
+            causes = rt.prepare_update(old, new, subresource)
+            if not causes:
+                causes = validate_metadata(rt, meta) + (
+                    rt.validate(new) if subresource is None else []
+                )
         if old_meta.get("deletionTimestamp"):
             added = [
                 f
@@ -896,6 +902,18 @@ class Watcher:
             if initial_end:
                 meta["annotations"] = {"k8s.io/initial-events-end": "true"}
             return {"kind": self.rt.kind, "apiVersion": "v1", "metadata": meta}
+
+
+@contextlib.contextmanager
+def _decoding(rt: ResourceType) -> Iterator[None]:
+    """A field of the wrong JSON type (a string where an object belongs, ...) is a 400, as
+    when kube-apiserver fails to decode the body into its typed structs."""
+    try:
+        yield
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise bad_request(
+            f"unable to decode the {rt.kind} object: wrong type of a field ({exc})"
+        ) from None
 
 
 def _new_uid() -> str:

@@ -480,3 +480,37 @@ def test_unknown_paths_and_methods(kube: KubeEmulator, api: client.CoreV1Api) ->
         urllib.request.urlopen(malformed, timeout=5)
     assert bad.value.code == 400
     bad.value.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[]",
+        '"pod"',
+        '{"metadata": []}',
+        '{"metadata": {"name": "x", "labels": ["a"]}, "spec": {"containers": [{"name": "c", "image": "i"}]}}',
+        '{"metadata": {"name": "x", "ownerReferences": {"uid": "1"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}',
+        '{"metadata": {"name": "x", "finalizers": "abc"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}',
+        '{"metadata": {"name": "x"}, "spec": []}',
+        '{"metadata": {"name": "x"}, "spec": {"containers": ["c"]}}',
+        '{"metadata": {"name": "x"}, "spec": {"containers": [{"name": "c", "image": "i", "env": [1], "ports": [{}]}]}}',
+        '{"metadata": {"name": "x"}, "spec": {"volumes": [1], "containers": [{"name": "c", "image": "i"}]}}',
+        '{"kind": "Secret", "metadata": {"name": "x"}}',
+    ],
+)
+def test_malformed_bodies_are_client_errors(kube: KubeEmulator, body: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        kube.url + "/api/v1/namespaces/default/pods",
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    status = json.loads(info.value.read())
+    info.value.close()
+    assert info.value.code in (400, 422), status
+    assert status["kind"] == "Status" and status["status"] == "Failure"

@@ -428,3 +428,51 @@ def test_start_to_running_latency(
     median = statistics.median(latencies)
     record_property("pod_create_to_running_median_s", round(median, 4))
     assert median < 2.0, latencies
+
+
+def test_init_containers_run_first_and_share_empty_dir_volumes(
+    kubelet_kube: KubeEmulator, kapi: client.CoreV1Api
+) -> None:
+    mount = [{"name": "scratch", "mountPath": "/scratch"}]
+    init = {
+        "name": "prepare",
+        "image": "img:1",
+        "command": ["python", "-c", "open('/scratch/msg', 'w').write('from init')"],
+        "volumeMounts": mount,
+    }
+    main = container("print(open('/scratch/msg').read())", volumeMounts=mount)
+    kapi.create_namespaced_pod(
+        NS,
+        pod("staged", main, initContainers=[init], volumes=[{"name": "scratch", "emptyDir": {}}]),
+    )
+    done = kubelet_kube.wait_for(
+        "pods", NS, "staged", phase("staged", "Succeeded"), timeout=TIMEOUT
+    )
+    assert done is not None
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    assert condition(done, "Initialized") == "True"
+    assert kapi.read_namespaced_pod_log("staged", NS, container="main").strip() == "from init"
+
+
+def test_failing_init_container_fails_the_pod(
+    kubelet_kube: KubeEmulator, kapi: client.CoreV1Api
+) -> None:
+    init = {"name": "broken", "image": "img:1", "command": ["python", "-c", "raise SystemExit(2)"]}
+    kapi.create_namespaced_pod(
+        NS, pod("blocked", container("print('never')"), initContainers=[init])
+    )
+    failed = kubelet_kube.wait_for(
+        "pods", NS, "blocked", phase("blocked", "Failed"), timeout=TIMEOUT
+    )
+    assert failed is not None and condition(failed, "Initialized") == "False"
+    assert waiting_reason(failed) == "PodInitializing"
+
+
+def test_missing_executable_is_a_start_error(
+    kubelet_kube: KubeEmulator, kapi: client.CoreV1Api
+) -> None:
+    spec = {"name": "main", "image": "img:1", "command": ["no-such-program-anywhere"]}
+    kapi.create_namespaced_pod(NS, pod("typo", spec))
+    failed = kubelet_kube.wait_for("pods", NS, "typo", phase("typo", "Failed"), timeout=TIMEOUT)
+    terminated = main_state(failed)["terminated"]
+    assert (terminated["reason"], terminated["exitCode"]) == ("StartError", 128)
