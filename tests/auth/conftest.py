@@ -22,23 +22,17 @@ import pytest
 
 from tests.auth.hub import BIN, RealHub
 from tests.auth.kdc import TempRealm, missing_tools
+from tests.auth.measure import MEASUREMENTS, record
 from tests.e2e.harness import ACTIVE, time_limit
 
 #: Deadline of one synchronous test (real gateways, a dask cluster at most).
 SYNC_TEST_DEADLINE = 150.0
-
-#: name -> (value, unit), printed at the end of the run.
-MEASUREMENTS: dict[str, tuple[float, str]] = {}
 
 _STARTED: dict[str, RealHub | TempRealm] = {}
 
 INSTALL_HINT = (
     "run `make install-test` (pip -r requirements/test.txt; bash tools/install_auth_deps.sh)"
 )
-
-
-def record(name: str, value: float, unit: str) -> None:
-    MEASUREMENTS[name] = (value, unit)
 
 
 @pytest.fixture(autouse=True)

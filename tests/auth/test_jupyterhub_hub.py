@@ -29,9 +29,9 @@ from dask_gateway_api.auth_jupyterhub import (
     JupyterHubAuthenticator,
 )
 from dask_gateway_common.errors import GatewayError
-from tests.auth.conftest import record
 from tests.auth.fakes import hub_auth, make_request
 from tests.auth.hub import GATEWAY_SERVICE, RealHub, free_port
+from tests.auth.measure import record
 from tests.auth.probe import WHOAMI_FIELD, decode_whoami
 from tests.e2e.harness import (
     ROOT,
