@@ -217,6 +217,8 @@ def test_config_problems() -> None:
     assert any("cannot be enforced" in p for p in both)
     no_name = HubAuthConfig("http://h", use_service_access_scopes=True).problems()
     assert any("needs auth.jupyterhub_service_name" in p for p in no_name)
+    bad_token = HubAuthConfig("http://h", legacy_api=True, api_token="a b").problems()
+    assert bad_token == ["auth.jupyterhub_api_token: must be printable ASCII without whitespace"]
     with pytest.raises(ValueError, match="jupyterhub_timeout"):
         JupyterHubAuthenticator(HubAuthConfig("http://h", timeout=0))
 

@@ -80,6 +80,12 @@ def test_jupyterhub_problems_are_all_reported() -> None:
         "auth.jupyterhub_timeout: must be > 0",
     ):
         assert expected in text, (expected, problems)
+    secret = "bad token\x01"
+    problems = problems_of(dict(HUB, jupyterhub_api_token=secret))
+    assert problems == ["auth.jupyterhub_api_token: must be printable ASCII without whitespace"]
+    assert secret not in "".join(problems)
+    padded = settings_from_mapping({"auth": dict(HUB, jupyterhub_api_token=" tok \n")}, ENV)
+    assert padded.auth.jupyterhub_api_token == "tok"
     assert any(
         "needs auth.jupyterhub_service_name" in p
         for p in problems_of(dict(HUB, jupyterhub_use_service_access_scopes=True))

@@ -80,6 +80,7 @@ __all__ = [
     "classify_hub_status",
     "hub_token_from_header",
     "token_fingerprint",
+    "usable_token",
     "user_from_hub_model",
 ]
 
@@ -110,11 +111,18 @@ def hub_token_from_header(value: str | None) -> str | None:
     if parsed is None or parsed[0] != SCHEME:
         return None
     token = parsed[1]
-    if len(token) > MAX_TOKEN_LENGTH or not token.isascii() or not token.isprintable():
-        return None
-    if any(c.isspace() for c in token):
-        return None
-    return token
+    return token if usable_token(token) else None
+
+
+def usable_token(token: str) -> bool:
+    """Whether ``token`` can be a hub token: 1..MAX_TOKEN_LENGTH printable ASCII characters
+    without whitespace (anything else cannot be valid, and must not be sent in a header)."""
+    return (
+        0 < len(token) <= MAX_TOKEN_LENGTH
+        and token.isascii()
+        and token.isprintable()
+        and not any(c.isspace() for c in token)
+    )
 
 
 def token_fingerprint(token: str) -> str:
@@ -270,6 +278,8 @@ class HubAuthConfig:
                 "auth.jupyterhub_use_service_access_scopes needs "
                 "auth.jupyterhub_service_name (or JUPYTERHUB_SERVICE_NAME)"
             )
+        if self.api_token is not None and not usable_token(self.api_token):
+            out.append("auth.jupyterhub_api_token: must be printable ASCII without whitespace")
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             out.append("auth.jupyterhub_timeout: must be > 0")
         return out
@@ -427,6 +437,8 @@ class _Flight:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if isinstance(exc, h11.LocalProtocolError):
+        return "the request could not be encoded"  # (h11's message would show the header)
     cause = exc.__cause__ or exc.__context__
     text = str(exc) or type(exc).__name__
     if cause is not None and str(cause):

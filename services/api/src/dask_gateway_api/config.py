@@ -627,6 +627,13 @@ def _jupyterhub_problems(v: dict[str, Any], problems: list[str]) -> None:
             "auth.jupyterhub_use_service_access_scopes needs auth.jupyterhub_service_name "
             "(or JUPYTERHUB_SERVICE_NAME)"
         )
+    token = v.get("jupyterhub_api_token")
+    if token is not None:
+        token = v["jupyterhub_api_token"] = token.strip() or None
+        if token is not None and not (
+            token.isascii() and token.isprintable() and not any(c.isspace() for c in token)
+        ):
+            problems.append("auth.jupyterhub_api_token: must be printable ASCII without whitespace")
     if v.get("jupyterhub_tls_key") and not v.get("jupyterhub_tls_cert"):
         problems.append("auth.jupyterhub_tls_key is set without auth.jupyterhub_tls_cert")
 
