@@ -388,22 +388,35 @@ class GatewayUnderTest:
         )
 
 
+def _mentions(entry: Path, needle: bytes) -> bool:
+    """Whether process ``entry`` (a /proc/<pid> dir) refers to ``needle``: in its argv, its
+    environment, its working directory or an open file (e.g. its log file as stdout)."""
+    try:
+        if needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes():
+            return True
+        links = [entry / "cwd", *(entry / "fd").iterdir()]
+    except OSError:
+        return False
+    for link in links:
+        with contextlib.suppress(OSError):
+            if needle in os.fsencode(os.readlink(link)) + b"/":
+                return True
+    return False
+
+
 def _gateway_processes(workdir: Path) -> list[int]:
-    """Pids of live processes (other than the gateway's three) whose environment or argv
-    mentions ``workdir``: the dask schedulers and workers of that gateway."""
+    """Pids of live processes that belong to the gateway in ``workdir``: its services and
+    the dask schedulers and workers it started (also those forked by a helper process,
+    whose environment does not show the work directory but whose log files do)."""
     needle = str(workdir).encode() + b"/"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in environ or needle in cmdline:
-            pids.append(int(entry.name))
-    return pids
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and int(entry.name) != os.getpid()
+        and pid_alive(int(entry.name))
+        and _mentions(entry, needle)
+    ]
 
 
 def _kill_leftovers(workdir: Path) -> list[int]:
