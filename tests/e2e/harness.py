@@ -11,16 +11,18 @@ then talk to it only as a user would: the official ``dask_gateway`` client (sync
 runs its own asyncio loop in a thread) and raw HTTP through the public web proxy.
 
 Deadlines: the official client has none of its own (``new_cluster`` polls forever), so every
-test runs under a SIGALRM deadline (:func:`time_limit`, applied by an autouse fixture). The
-alarm interrupts the main thread even while it blocks in the client's ``future.result()``,
-and the client cancels its pending coroutine on the way out. Waits inside tests go through
-:func:`wait_until`, which raises with what it was waiting for and the last value seen.
+test runs under a deadline (:func:`time_limit`, applied by an autouse fixture): a watchdog
+thread sends SIGALRM to the main thread, which interrupts it even while it blocks in the
+client's ``future.result()`` (the client then cancels its pending coroutine). Waits inside
+tests go through :func:`wait_until`, which raises with what it was waiting for and the last
+value seen.
 
 On a failure the report gets the tail of every running service log (a section per service),
 so a red CI run says why. At module teardown the gateway is stopped; every config sets
-``stop_clusters_on_shutdown`` so the API stops its clusters. Whatever dask process of that
-gateway is still alive afterwards is killed (by pid) and reported as a test error, so a
-leak is never silent.
+``stop_clusters_on_shutdown`` so the API stops its clusters. Whatever process of that
+gateway is still alive 20 s later is killed (by pid) and reported as an error, so a leak is
+never silent; and the three service logs are searched for the secrets the tests handled
+(proxy token, shared password, cookie values, cluster tokens).
 """
 
 from __future__ import annotations
