@@ -43,3 +43,11 @@ bench: install-test
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .ruff_cache .hypothesis
+
+# The official-client scenario against a gateway installed on a real cluster (kind,
+# minikube...), as in docs/kubernetes-backend.md; not part of `make test`. Pass e.g.
+# K8S_SMOKE_ARGS="--release dask-gateway --namespace dask-gateway" or
+# K8S_SMOKE_ARGS="--address http://127.0.0.1:8000 --proxy-address tls://127.0.0.1:8786".
+.PHONY: k8s-smoke
+k8s-smoke: install
+	$(BIN)/python tools/k8s_smoke.py $(K8S_SMOKE_ARGS)

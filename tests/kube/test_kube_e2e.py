@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +35,7 @@ from tests.e2e.harness import (
 from tests.k8s_emulator import KubeEmulator
 from tests.kube.harness import NAMESPACE, PodTimeline, kube_config, kube_gateway, phase, pods
 
+ROOT = Path(__file__).resolve().parents[2]
 INSTANCE = "e2e"
 DEFAULT_IMAGE = "registry.example/dask-cluster:1"
 BAD_IMAGE = "registry.example/no-such-image:0"
@@ -337,3 +340,24 @@ def test_scheduler_image_from_options_and_pull_error(
     ]
     assert "ImagePullBackOff" in line or "ErrImagePull" in line
     assert BAD_IMAGE in line
+
+
+def test_smoke_script(gw: GatewayUnderTest, capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/k8s_smoke.py (what `make k8s-smoke` runs against a real cluster) passes here."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import k8s_smoke
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    status = k8s_smoke.main(
+        [
+            "--address", gw.address,
+            "--proxy-address", gw.proxy_address,
+            "--workers", "2",
+            "--timeout", "90",
+            "--option", "image", DEFAULT_IMAGE,
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "smoke test passed" in out and "- shutdown until STOPPED ... ok" in out
