@@ -51,9 +51,13 @@ from dask_gateway import BasicAuth, Gateway
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from local_gateway import LocalGateway, Ports  # noqa: E402
+from local_gateway import BIN, LocalGateway, Ports  # noqa: E402
+from local_gateway import free_port as free_port  # noqa: E402 (re-exported)
 
 T = TypeVar("T")
+
+#: Where the gateway's console scripts live (the running interpreter's bin directory).
+BIN_DIR: Path = BIN
 
 #: Every e2e test must finish within this many seconds (clusters start real processes).
 TEST_DEADLINE = 150.0
