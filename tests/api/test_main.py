@@ -39,10 +39,15 @@ def test_every_config_problem_is_listed_with_exit_2(tmp_path, capsys) -> None:  
     assert "cannot read config file" in capsys.readouterr().err
 
 
-def test_unsupported_authenticator_is_a_config_error(capsys) -> None:  # type: ignore[no-untyped-def]
-    env = dict(ENV, DASK_GATEWAY_AUTH__TYPE="kerberos")
+def test_unusable_authenticator_is_a_config_error(capsys) -> None:  # type: ignore[no-untyped-def]
+    env = dict(
+        ENV,
+        DASK_GATEWAY_AUTH__TYPE="kerberos",
+        DASK_GATEWAY_AUTH__KERBEROS_KEYTAB="/nonexistent/gateway.keytab",
+    )
     assert main([], env=env) == 2
-    assert "not supported" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "auth.kerberos_keytab" in err and "/nonexistent/gateway.keytab" in err
 
 
 def test_settings_mapping() -> None:
