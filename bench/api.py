@@ -120,6 +120,14 @@ class Run:
             traceback.print_exc(limit=3, file=sys.stderr)
             return None
 
+    def quiesce(self, timeout: float = 60.0) -> None:
+        """Wait until no cluster process of any target is left (a stopped cluster's
+        processes may still be exiting), so one target's teardown does not load the
+        other's measurement."""
+        deadline = time.monotonic() + timeout
+        while any(t.cluster_pids() for t in self.targets) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def order(self, rep: int) -> list[Any]:
         """Alternate who goes first, so drift in machine load hits both alike."""
         return self.targets if rep % 2 == 0 else self.targets[::-1]
@@ -131,7 +139,7 @@ class Run:
             helpers = t.helper_pids()
             if helpers:
                 self.values[t.label][f"helper_rss_{suffix}"] = rss_bytes(helpers.values()) / MiB
-            group = t.cluster_pids() + list(helpers.values())
+            group = sorted(set(t.cluster_pids()) | set(helpers.values()))
             self.values[t.label][f"cluster_pss_{suffix}"] = pss_bytes(group) / MiB
 
     # -- phases
@@ -147,6 +155,7 @@ class Run:
     def cold_starts(self) -> None:
         for rep in range(self.plan.cold_reps):
             for t in self.order(rep):
+                self.quiesce()
                 r = self.attempt("cold start", t, workloads.cold_start)
                 if r is None:
                     continue
@@ -162,6 +171,7 @@ class Run:
     def creates(self) -> None:
         for batch in range(self.plan.create_batches):
             for t in self.order(batch):
+                self.quiesce()
                 lat = self.attempt(
                     "create requests", t, workloads.create_latency, self.plan.creates_per_batch
                 )
@@ -174,6 +184,7 @@ class Run:
     def many_clusters(self) -> None:
         n = self.plan.clusters
         ready = []
+        self.quiesce()
         for t in self.targets:
             t0 = time.monotonic()
             if self.attempt(f"create {n} clusters", t, workloads.create_clusters, n) is not None:

@@ -185,13 +185,14 @@ class OurTarget:
                 return {"fork server": pid}
         return {}
 
+    def cluster_pids(self) -> list[int]:
+        """Every dask process of this target (the fork server works in the same tree)."""
+        helpers = set(self.helper_pids().values())
+        return [p for p in processes_under(self.dir / "clusters") if p not in helpers]
+
     def cluster_logs(self, name: str) -> tuple[Path, list[Path]]:
         logs = self.dir / "clusters" / name / "logs"
         return logs / "scheduler.log", sorted(logs.glob("worker-*.log"))
-
-    def cluster_pids(self) -> list[int]:
-        """Every dask process of this target (they work in their cluster's directory)."""
-        return processes_under(self.dir / "clusters")
 
 
 class UpstreamTarget:
