@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import h11
+import pytest
 import trio
 import trio.testing
 
@@ -17,6 +20,7 @@ from dask_gateway_common.http import (
     open_http_connection,
     serve_http,
 )
+from dask_gateway_common.http1 import parse_request_head, parse_response_head, response_framing
 
 
 async def app(request: Request) -> Response | Upgrade:
@@ -213,3 +217,231 @@ async def test_early_answer_to_a_huge_upload_reaches_the_client(nursery: trio.Nu
         assert response.status == 413
         assert b"exceeds the limit" in await response.read()
         await conn.aclose()
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _pattern(size: int) -> bytes:
+    """Bytes that differ from chunk to chunk, so a lost or repeated chunk shows."""
+    block = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(i.to_bytes(4, "big")).digest() + block[: 65536 - 32]
+        i += 1
+    return bytes(out[:size])
+
+
+BIG = _pattern(6 * 1024 * 1024 + 123)
+
+
+async def sized_app(request: Request) -> Response:
+    if request.method == "POST":
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.iter_body():
+            digest.update(chunk)
+            size += len(chunk)
+        return Response.json({"size": size, "sha256": digest.hexdigest()})
+    if request.path == "/lie":
+        declared, actual = (int(x) for x in request.query.split("-"))
+
+        async def short():
+            yield b"x" * actual
+
+        return Response(200, [("Content-Length", str(declared))], short())
+    if request.path == "/bad-header":
+        return Response(200, [("X-Bad", "a\r\nInjected: yes")], b"nope")
+
+    async def chunks():
+        view = memoryview(BIG)
+        for start in range(0, len(BIG), 100_000):
+            yield bytes(view[start : start + 100_000])
+
+    return Response(200, [("Content-Length", str(len(BIG)))], chunks())
+
+
+async def _read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def test_sized_bodies_both_ways_and_keep_alive(nursery: trio.Nursery) -> None:
+    _host, port = await nursery.start(serve_http, sized_app, "127.0.0.1", 0)
+
+    async def upload():
+        view = memoryview(BIG)
+        for start in range(0, len(BIG), 300_000):
+            yield bytes(view[start : start + 300_000])
+
+    with trio.fail_after(30):
+        conn = await open_http_connection("127.0.0.1", port)
+        try:
+            for _ in range(2):
+                response = await conn.request("GET", "/big")
+                assert response.content_length == len(BIG)
+                digest = hashlib.sha256()
+                async for chunk in response.iter_body():
+                    digest.update(chunk)
+                assert digest.hexdigest() == hashlib.sha256(BIG).hexdigest()
+                assert conn.reusable
+                response = await conn.request(
+                    "POST", "/up", [("Content-Length", str(len(BIG)))], upload()
+                )
+                assert json.loads(await response.read()) == {
+                    "size": len(BIG),
+                    "sha256": hashlib.sha256(BIG).hexdigest(),
+                }
+                assert conn.reusable
+            assert conn.requests_sent == 4
+        finally:
+            await conn.aclose()
+
+
+async def test_streamed_body_not_matching_its_length_cuts_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    _host, port = await nursery.start(serve_http, sized_app, "127.0.0.1", 0)
+    with trio.fail_after(10):
+        for query in ("10-5", "3-5"):
+            conn = await open_http_connection("127.0.0.1", port)
+            response = await conn.request("GET", f"/lie?{query}")
+            assert response.status == 200
+            with pytest.raises(trio.BrokenResourceError):
+                await response.read()
+            assert not conn.reusable
+            await conn.aclose()
+
+
+async def test_invalid_handler_header_becomes_500(nursery: trio.Nursery) -> None:
+    _host, port = await nursery.start(serve_http, sized_app, "127.0.0.1", 0)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /bad-header HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await _read_all(stream)
+    assert data.startswith(b"HTTP/1.1 500 ")
+    assert b"Injected" not in data
+
+
+async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
+    port = await start(nursery)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"POST /echo?n=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"POST /echo?n=2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+            b"GET /echo?n=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = bytearray(await _read_all(stream))
+    bodies = []
+    while data:
+        parsed = parse_response_head(data)
+        assert parsed is not None
+        head, size = parsed
+        del data[:size]
+        _, length = response_framing("GET", head)
+        bodies.append(json.loads(bytes(data[:length])))
+        del data[:length]
+    assert [(b["query"]["n"], b["body"]) for b in bodies] == [
+        ("1", "hello"),
+        ("2", "abc"),
+        ("3", ""),
+    ]
+
+
+async def test_expect_100_continue(nursery: trio.Nursery) -> None:
+    port = await start(nursery)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        )
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += await stream.receive_some(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await stream.send_all(b"ok")
+        response = bytearray()
+        while (parsed := parse_response_head(response)) is None:
+            response += await stream.receive_some(65536)
+        assert parsed[0].status == 200
+        # A request answered without reading its body gets no 100 and the connection
+        # closes after the answer (the body is not coming).
+        await stream.send_all(
+            b"POST /fail HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n"
+        )
+        rest = await _read_all(stream)
+        assert b"100 Continue" not in rest and b"HTTP/1.1 422 " in rest
+
+
+async def test_http10_client_gets_a_body_delimited_by_close(nursery: trio.Nursery) -> None:
+    port = await start(nursery)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /stream HTTP/1.0\r\n\r\n")
+        data = await _read_all(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower()
+    assert body == b"".join(f"line {i}\n".encode() for i in range(5))
+
+
+async def test_client_reads_chunked_and_close_delimited_responses(nursery: trio.Nursery) -> None:
+    async def server(stream: trio.abc.Stream) -> None:
+        buf = bytearray()
+        for answer in (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+        ):
+            while parse_request_head(buf) is None:
+                buf += await stream.receive_some(4096)
+            parsed = parse_request_head(buf)
+            assert parsed is not None
+            del buf[: parsed[1]]
+            await stream.send_all(answer)
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, server, 0)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        conn = await open_http_connection("127.0.0.1", port)
+        response = await conn.request("GET", "/one")
+        assert response.content_length is None
+        assert await response.read() == b"hello world"
+        assert conn.reusable
+        response = await conn.request("GET", "/two")
+        assert await response.read() == b"until the end"
+        assert not conn.reusable
+        await conn.aclose()
+
+
+async def test_client_refuses_malformed_responses(nursery: trio.Nursery) -> None:
+    answers = [
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"NOT HTTP\r\n\r\n",
+    ]
+
+    async def server(stream: trio.abc.Stream) -> None:
+        buf = bytearray()
+        while parse_request_head(buf) is None:
+            buf += await stream.receive_some(4096)
+        await stream.send_all(answers.pop(0))
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, server, 0)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        for _ in range(4):
+            conn = await open_http_connection("127.0.0.1", port)
+            with pytest.raises(h11.RemoteProtocolError):
+                response = await conn.request("GET", "/")
+                await response.read()
+            assert not conn.reusable
+            await conn.aclose()

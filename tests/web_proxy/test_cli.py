@@ -118,7 +118,10 @@ async def _bulk_handler(request: Request) -> Response:
         for _ in range(count):
             yield CHUNK
 
-    return Response(200, [("Content-Type", "application/octet-stream")], body())
+    headers = [("Content-Type", "application/octet-stream")]
+    if "sized" in request.query_params:  # Content-Length framing: the proxy's raw path
+        headers.append(("Content-Length", str(count * len(CHUNK))))
+    return Response(200, headers, body())
 
 
 @pytest.mark.slow
@@ -160,10 +163,12 @@ async def test_console_script_bulk_transfers_bounded_rss() -> None:
                     assert len(await resp.read()) == 64 * len(CHUNK)
                     rss_before = _proc_kib(pid, "VmRSS")
 
-                    chunks = 4096  # 256 MiB
+                    chunks = 4096  # 256 MiB, with a Content-Length
                     start = time.perf_counter()
-                    resp = await conn.request("GET", f"/clusters/bulk/d?chunks={chunks}", [], b"")
-                    assert resp.status == 200
+                    resp = await conn.request(
+                        "GET", f"/clusters/bulk/d?sized&chunks={chunks}", [], b""
+                    )
+                    assert resp.status == 200 and resp.content_length == chunks * len(CHUNK)
                     size = 0
                     async for chunk in resp.iter_body():
                         size += len(chunk)
@@ -171,18 +176,19 @@ async def test_console_script_bulk_transfers_bounded_rss() -> None:
                     assert size == chunks * len(CHUNK)
                     peak_down = _proc_kib(pid, "VmHWM")
 
-                    up_chunks = 2048  # 128 MiB
+                    up_chunks = 1024  # 64 MiB, twice: chunked, then with a Content-Length
 
                     async def upload() -> AsyncIterator[bytes]:
                         for _ in range(up_chunks):
                             yield CHUNK
 
                     start = time.perf_counter()
-                    resp = await conn.request("POST", "/clusters/bulk/u", [], upload())
-                    info = json.loads(await resp.read())
+                    for sized in ([], [("Content-Length", str(up_chunks * len(CHUNK)))]):
+                        resp = await conn.request("POST", "/clusters/bulk/u", sized, upload())
+                        info = json.loads(await resp.read())
+                        assert info["size"] == up_chunks * len(CHUNK)
+                        assert info["sha256"] == hashlib.sha256(CHUNK * up_chunks).hexdigest()
                     up_seconds = time.perf_counter() - start
-                    assert info["size"] == up_chunks * len(CHUNK)
-                    assert info["sha256"] == hashlib.sha256(CHUNK * up_chunks).hexdigest()
                     peak_up = _proc_kib(pid, "VmHWM")
                 finally:
                     await conn.aclose()
@@ -199,7 +205,7 @@ async def test_console_script_bulk_transfers_bounded_rss() -> None:
             # metrics saw the traffic
             status, _, body = await get(proxy.admin_port, "/metrics")
             text = body.decode()
-            assert 'dask_gateway_proxy_http_requests_total{code="200"} 3.0' in text
+            assert 'dask_gateway_proxy_http_requests_total{code="200"} 4.0' in text
             assert re.search(r'dask_gateway_proxy_bytes_total\{direction="down"\} 2\.7', text)
 
             # SIGTERM: clean exit

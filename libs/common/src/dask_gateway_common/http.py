@@ -1,24 +1,32 @@
-"""One small h11-based HTTP/1.1 server and client, shared by every service.
+"""One small HTTP/1.1 server and client, shared by every service.
 
 Theory of operation
 -------------------
+Parsing and encoding are sans-IO, in :mod:`.http1` (request and response heads, body
+framing, chunked bodies); this module is the I/O shell around it. (It used to drive h11;
+h11's exception types are kept so callers that catch ``h11.ProtocolError`` still work.)
+
 Server: ``serve_http`` accepts connections with ``trio.serve_listeners`` and runs one
-``_ServerConnection`` per socket. The connection pulls h11 events under deadlines (a
+``_ServerConnection`` per socket. The connection reads request heads under deadlines (a
 keep-alive deadline while idle between requests, a header deadline once a request has
 started, a body deadline per read), builds a ``Request`` whose body is *pulled lazily* by
 the handler (``read_body`` buffers with a limit, ``iter_body`` streams), calls the handler,
 and writes its ``Response`` (bytes with Content-Length, or an async iterable sent chunked,
 or with the Content-Length the handler gave). A handler may instead return ``Upgrade``:
 the server sends the ``101`` and hands the raw stream plus any bytes already read to
-``Upgrade.relay`` (websocket passthrough).
+``Upgrade.relay`` (websocket passthrough). After a response the rest of the request body
+is drained (bounded), and the next request is read from the same buffer (pipelining).
 
-Errors are translated here and only here: h11 protocol errors become 400/431, an oversized
-body 413, a slow request 408, a ``GatewayError`` its own status, anything else a logged 500
-with a request id. All of them are ``{"error": message}`` JSON bodies.
+Errors are translated here and only here: malformed requests become 400 (431 for heads
+that are too large, 501 for an unsupported transfer coding, 505 for a version other than
+HTTP/1.x), an oversized body 413, a slow request 408, a ``GatewayError`` its own status,
+anything else a logged 500 with a request id. All of them are ``{"error": message}`` JSON
+bodies.
 
 Client: ``open_http_connection`` gives an ``HTTPConnection`` (one request at a time,
-keep-alive when both sides allow it). ``HTTPClient`` pools idle connections per origin and
-retries once when a pooled connection turns out to have been closed by the peer.
+keep-alive when both sides allow it: HTTP/1.1 and no ``Connection: close``).
+``HTTPClient`` pools idle connections per origin and retries once when a pooled
+connection turns out to have been closed by the peer.
 
 Fast paths (the web proxy moves every byte of a dashboard through here)
 -------------------------------------------------------------------------
@@ -26,23 +34,14 @@ Fast paths (the web proxy moves every byte of a dashboard through here)
   ``os.write`` on the socket's (non-blocking) fd first and parks in ``wait_readable`` /
   ``wait_writable`` only on EAGAIN; a deadline scope is created only then. A send that
   completes at once does not yield to the scheduler (a receive does, like trio's own
-  sockets, so one busy connection cannot starve the others). TLS and in-memory streams go
-  through the ``trio.abc.Stream`` API.
-* A response with a bytes body goes out in one write: head, body and end of message.
-* Bodies framed by Content-Length bypass h11 (heads always go through h11):
-  - incoming (request body on the server, response body on the client): once h11's buffer
-    holds no more body bytes, the rest is read straight from the socket, at most the
-    bytes still due (never past the end of the message) and at most ``BODY_CHUNK`` per
-    read;
-  - outgoing (a streamed response body with a known length on the server, a streamed
-    request body with a Content-Length header on the client): chunks are written as they
-    come, counted against the declared length (too much or too little is a
-    ``h11.LocalProtocolError``, and the connection is not reused).
-  h11 then still believes that side is mid-body. When the exchange is complete and both
-  sides allow keep-alive, the connection gets a fresh ``h11.Connection`` (a new cycle,
-  exactly what ``start_next_cycle`` would give), fed with any pipelined bytes h11 had
-  buffered; otherwise the connection is closed. The keep-alive rule is h11's: HTTP/1.1
-  and no ``Connection: close`` on either message.
+  sockets, and streaming loops yield every few chunks, so one busy connection cannot
+  starve the others). TLS and in-memory streams go through the ``trio.abc.Stream`` API.
+* A message with a small bytes body goes out in one write, head and body together.
+* A Content-Length body is read straight from the socket once the buffered bytes are used
+  up, at most the bytes still due (never past the end of the message, so nothing is
+  copied through the buffer) and at most ``BODY_CHUNK`` per read; a streamed body of a
+  declared length is written chunk by chunk as it comes, counted against that length (too
+  much or too little is a ``h11.LocalProtocolError`` and the connection is not reused).
 """
 
 from __future__ import annotations
@@ -65,12 +64,16 @@ import trio
 from .errors import GatewayError
 from .http1 import (
     ChunkedReader,
+    RequestHead,
     ResponseHead,
     asks_to_close,
     encode_chunk,
     encode_request_head,
     encode_response_head,
+    expects_continue,
+    parse_request_head,
     parse_response_head,
+    request_framing,
     response_framing,
 )
 
@@ -153,14 +156,6 @@ def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes | bytearray) else value
 
 
-def _asks_to_close(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether h11-parsed headers carry ``Connection: close`` (h11's own rule)."""
-    for name, value in headers:
-        if name == b"connection" and b"close" in (t.strip().lower() for t in value.split(b",")):
-            return True
-    return False
-
-
 def _asks_to_close_text(headers: Iterable[tuple[str, str]]) -> bool:
     for name, value in headers:
         if name.lower() == "connection" and "close" in (
@@ -168,25 +163,6 @@ def _asks_to_close_text(headers: Iterable[tuple[str, str]]) -> bool:
         ):
             return True
     return False
-
-
-def _length_framed(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The Content-Length of an h11-parsed message whose body it frames, else None.
-
-    h11 has already checked the value (digits only, duplicates equal); Transfer-Encoding
-    takes precedence over Content-Length, as in h11.
-    """
-    length = None
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return None
-        if name == b"content-length":
-            length = int(value)
-    return length
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 _request_ids = itertools.count(1)
@@ -312,6 +288,10 @@ class _Timeout(Exception):
     pass
 
 
+class _PeerGone(Exception):
+    pass
+
+
 # --------------------------------------------------------------------------- byte I/O
 
 
@@ -417,6 +397,8 @@ class _Wire:
 
 
 class _ServerConnection:
+    """One client connection: requests parsed by :mod:`.http1`, one at a time."""
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -431,62 +413,58 @@ class _ServerConnection:
         self.client = client
         self.scheme = scheme
         self.wire = _Wire(stream)
-        self.conn = self._new_h11()
-        self._fed = 0  # bytes given to h11 since the last request head
+        self._buf = bytearray()  # received, not yet consumed (pipelined bytes included)
         self._new_cycle_state()
 
-    def _new_h11(self) -> h11.Connection:
-        return h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-
     def _new_cycle_state(self) -> None:
-        # Request body bytes still due when it is framed by Content-Length (None: it is
-        # not, or it must go through h11: chunked, upgrade, CONNECT).
-        self._body_left: int | None = None
-        self._raw_in = False  # the request body is being read around h11
+        self._framing = "length"  # of the request body: "length" or "chunked"
+        self._left = 0  # request body bytes still due ("length" framing)
+        self._chunks: ChunkedReader | None = None
+        self._body_done = True  # the request body has been read to its end
+        self._expect_continue = False  # the client waits for "100 Continue"
+        self._response_started = False
         self._responded = False  # the whole response has been sent
         self._keep_alive = True
         self._http11 = True
 
-    async def _next_event(self, timeout: float) -> Any:
-        """Next h11 event, all of it within ``timeout`` seconds."""
-        event = self.conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        deadline = trio.current_time() + timeout
-        while True:
+    async def _read_head(self) -> RequestHead | None:
+        """The next request head; None when the connection ends (or idles out) between
+        requests. Raises ``_Timeout`` (slow head) and ``h11.RemoteProtocolError``."""
+        buf = self._buf
+        wire = self.wire
+        limits = self.limits
+        if not buf:
             try:
-                data = await self.wire.receive(READ_CHUNK, deadline - trio.current_time())
+                data = await wire.receive(READ_CHUNK, limits.keepalive_timeout)
+            except trio.TooSlowError:
+                return None  # idle keep-alive connection: just close
+            if not data:
+                return None
+            buf += data
+        deadline = trio.current_time() + limits.header_timeout
+        searched = 0
+        while True:
+            parsed = parse_request_head(buf, searched - 3, limits.max_header_bytes)
+            if parsed is not None:
+                head, size = parsed
+                del buf[:size]
+                return head
+            searched = len(buf)
+            try:
+                data = await wire.receive(READ_CHUNK, deadline - trio.current_time())
             except trio.TooSlowError:
                 raise _Timeout from None
-            self._fed += len(data)
-            self.conn.receive_data(data)
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-
-    async def _wait_for_request_start(self) -> bool:
-        """Wait (up to the keep-alive timeout) for the first byte of the next request."""
-        if self.conn.trailing_data[0]:
-            return True
-        try:
-            data = await self.wire.receive(READ_CHUNK, self.limits.keepalive_timeout)
-        except trio.TooSlowError:
-            return False
-        self._fed += len(data)
-        self.conn.receive_data(data)
-        return bool(data)
-
-    async def _send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.wire.send_all(data, self.limits.send_timeout)
+            if not data:
+                return None  # the client gave up mid-head
+            buf += data
 
     async def run(self) -> None:
         while True:
-            if not await self._wait_for_request_start():
-                return  # idle keep-alive connection, or the client closed: just close
             try:
-                event = await self._next_event(self.limits.header_timeout)
+                head = await self._read_head()
+                if head is None:
+                    return
+                self._start_cycle(head)
             except _Timeout:
                 await self._send_error_and_close(408, "Timed out reading the request headers")
                 return
@@ -499,90 +477,81 @@ class _ServerConnection:
                 )
                 await self._send_error_and_close(status, message)
                 return
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return
-            if not isinstance(event, h11.Request):
-                return
-            # h11 bounds only *incomplete* heads; a complete one read in a single chunk
-            # can still be larger than we allow (only possible if we were fed more).
-            if self._fed > self.limits.max_header_bytes:
-                head_size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-                if head_size > self.limits.max_header_bytes:
-                    await self._send_error_and_close(431, "Request headers too large")
-                    return
-            self._fed = 0
-            self._start_cycle(event)
-            keep_going = await self._handle(event)
-            if not keep_going:
+            if not await self._handle(head):
                 return
 
-    def _start_cycle(self, event: h11.Request) -> None:
+    def _start_cycle(self, head: RequestHead) -> None:
         self._new_cycle_state()
-        headers = event.headers
-        self._http11 = event.http_version >= b"1.1"
-        self._keep_alive = self._http11 and not _asks_to_close(headers)
-        if (
-            self.conn.their_state is h11.SEND_BODY
-            and event.method != b"CONNECT"
-            and not any(name == b"upgrade" for name, _ in headers)
-        ):
-            self._body_left = _length_framed(headers)
-
-    def _their_body_pending(self) -> bool:
-        if self._raw_in:
-            return bool(self._body_left)
-        return self.conn.their_state is h11.SEND_BODY
+        self._http11 = head.http_version >= b"1.1"
+        self._keep_alive = not asks_to_close(head.http_version, head.headers)
+        framing, length = request_framing(head)
+        self._framing = framing
+        self._left = length
+        if framing == "chunked":
+            self._chunks = ChunkedReader()
+            self._body_done = False
+        else:
+            self._body_done = length == 0
+        self._expect_continue = not self._body_done and expects_continue(head)
 
     async def _receive_body_chunk(self) -> bytes | None:
-        if self._raw_in:
-            return await self._receive_raw_body()
-        conn = self.conn
-        if conn.their_state is not h11.SEND_BODY:
+        """The next piece of the request body (never empty); None at its end."""
+        if self._body_done:
             return None
-        if conn.they_are_waiting_for_100_continue:
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        if self._expect_continue:
+            self._expect_continue = False
+            if not self._response_started:
+                await self.wire.send_all(b"HTTP/1.1 100 Continue\r\n\r\n", self.limits.send_timeout)
+        buf = self._buf
+        timeout = self.limits.body_timeout
         try:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if self._body_left:
-                    # h11 has handed out everything it buffered: the rest comes straight
-                    # from the socket.
-                    self._raw_in = True
-                    return await self._receive_raw_body()
-                event = await self._next_event(self.limits.body_timeout)
-        except _Timeout:
+            if self._framing == "length":
+                left = self._left
+                if buf:
+                    if len(buf) <= left:
+                        data = bytes(buf)
+                        buf.clear()
+                    else:
+                        data = bytes(buf[:left])
+                        del buf[:left]
+                else:
+                    # Straight from the socket, never past the end of the body.
+                    data = await self.wire.receive(min(left, BODY_CHUNK), timeout)
+                    if not data:
+                        raise _PeerGone
+                self._left = left = left - len(data)
+                self._body_done = left == 0
+                return data
+            chunks = self._chunks
+            assert chunks is not None
+            while True:
+                data = chunks.read(buf, BODY_CHUNK)
+                if data is None:
+                    more = await self.wire.receive(BODY_CHUNK, timeout)
+                    if not more:
+                        raise _PeerGone
+                    buf += more
+                    continue
+                if not data:
+                    self._body_done = True
+                    return None
+                return data
+        except trio.TooSlowError:
             raise GatewayError("Timed out reading the request body", status=408) from None
         except h11.RemoteProtocolError as exc:
             raise GatewayError(f"Malformed request body: {exc}", status=400) from None
-        if isinstance(event, h11.Data):
-            data = bytes(event.data)
-            if self._body_left is not None:
-                self._body_left -= len(data)
-            return data
-        if isinstance(event, h11.EndOfMessage):
-            return None
-        raise GatewayError("Connection closed while reading the request body", status=400)
+        except _PeerGone:
+            raise GatewayError(
+                "Connection closed while reading the request body", status=400
+            ) from None
 
-    async def _receive_raw_body(self) -> bytes | None:
-        left = self._body_left
-        if not left:
-            return None
-        try:
-            data = await self.wire.receive(min(left, BODY_CHUNK), self.limits.body_timeout)
-        except trio.TooSlowError:
-            raise GatewayError("Timed out reading the request body", status=408) from None
-        if not data:
-            raise GatewayError("Connection closed while reading the request body", status=400)
-        self._body_left = left - len(data)
-        return data
-
-    async def _handle(self, event: h11.Request) -> bool:
+    async def _handle(self, head: RequestHead) -> bool:
         request = Request(
-            method=event.method.decode("ascii", "replace"),
-            target=event.target.decode("latin-1"),
-            headers=Headers._from_h11(event.headers),
+            method=head.method.decode("ascii"),
+            target=head.target.decode("ascii"),
+            headers=Headers._from_h11(head.headers),
             client=self.client,
-            http_version=event.http_version.decode("ascii", "replace"),
+            http_version=head.http_version.decode("ascii"),
             scheme=self.scheme,
             receive_body=self._receive_body_chunk,
             max_body_bytes=self.limits.max_body_bytes,
@@ -613,52 +582,24 @@ class _ServerConnection:
         return await self._finish_cycle()
 
     async def _send_response(self, request: Request, response: Response) -> None:
-        """Encode and send the response ourselves; h11 only ever parses requests here
-        (and sends 100/101 interim answers), so its state goes stale for our side and
-        ``_finish_cycle`` starts a fresh one."""
-        status = response.status
-        if not 200 <= status <= 999:
-            raise h11.LocalProtocolError(f"Handler answered with status {status}")
-        given_length = None
-        headers = []
-        for name, value in response.headers:
-            if name.lower() == "content-length":
-                given_length = value.strip()
-            else:
-                headers.append((name, value))
         body = response.body
         streaming = not isinstance(body, bytes | bytearray)
-        head_only = request.method == "HEAD"
-        no_body = head_only or status in (204, 304)
-        length: int | None = None
-        if not streaming and not head_only and status != 204:
-            length = len(body)  # type: ignore[arg-type]
-        elif given_length is not None and status != 204:
-            # A streamed body (or a HEAD answer) of a size the handler knows, e.g. a
-            # proxied response: keep it; its body must match it.
-            if not given_length.isdigit():
-                raise h11.LocalProtocolError("Bad Content-Length from the handler")
-            length = int(given_length)
-        elif not streaming and head_only:
-            length = len(body)  # type: ignore[arg-type]
-        if length is not None:
-            headers.append(("Content-Length", str(length)))
-        chunked = streaming and length is None and not no_body
-        if chunked and not self._http11:
-            # an HTTP/1.0 client knows no chunked encoding: the body ends with the
-            # connection
-            chunked = False
-            self._keep_alive = False
-        if chunked:
-            headers.append(("Transfer-Encoding", "chunked"))
-        if _asks_to_close_text(headers):
-            self._keep_alive = False
-        elif not self._keep_alive:
-            headers.append(("Connection", "close"))
-        head = encode_response_head(status, headers)
+        try:
+            head, length, chunked = self._response_head(request, response)
+        except h11.LocalProtocolError as exc:
+            # A handler bug (a bad status or a header that would break the message):
+            # nothing is sent yet, so the client gets a 500 instead.
+            log.error("Invalid response to %s: %s", request.request_id, exc)
+            if streaming and hasattr(body, "aclose"):
+                await body.aclose()  # type: ignore[union-attr]
+            await self._send_error_and_close(
+                500, f"Internal server error (request id {request.request_id})"
+            )
+            return
+        self._response_started = True
         wire = self.wire
         timeout = self.limits.send_timeout
-        if no_body:
+        if request.method == "HEAD" or response.status in (204, 304):
             if streaming and hasattr(body, "aclose"):
                 await body.aclose()  # type: ignore[union-attr]
             await wire.send_all(head, timeout)
@@ -672,6 +613,54 @@ class _ServerConnection:
             await wire.send_all(head, timeout)
             await self._send_streamed_body(body, length, chunked)  # type: ignore[arg-type]
         self._responded = True
+
+    def _response_head(
+        self, request: Request, response: Response
+    ) -> tuple[bytes, int | None, bool]:
+        """The encoded head, the body length it announces (None: none) and whether the
+        body is chunked; decides keep-alive. Raises ``h11.LocalProtocolError``."""
+        status = response.status
+        if not 200 <= status <= 999:
+            raise h11.LocalProtocolError(f"Handler answered with status {status}")
+        given_length = None
+        headers = []
+        for name, value in response.headers:
+            if name.lower() == "content-length":
+                given_length = value.strip()
+            else:
+                headers.append((name, value))
+        body = response.body
+        streaming = not isinstance(body, bytes | bytearray)
+        head_only = request.method == "HEAD"
+        length: int | None = None
+        if not streaming and not head_only and status != 204:
+            length = len(body)  # type: ignore[arg-type]
+        elif given_length is not None and status != 204:
+            # A streamed body (or a HEAD answer) of a size the handler knows, e.g. a
+            # proxied response: keep it; its body must match it.
+            if not given_length.isdigit():
+                raise h11.LocalProtocolError("Bad Content-Length from the handler")
+            length = int(given_length)
+        elif not streaming and head_only:
+            length = len(body)  # type: ignore[arg-type]
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+        chunked = streaming and length is None and not (head_only or status in (204, 304))
+        keep_alive = self._keep_alive
+        if chunked and not self._http11:
+            # an HTTP/1.0 client knows no chunked encoding: the body ends with the
+            # connection
+            chunked = False
+            keep_alive = False
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        if _asks_to_close_text(headers):
+            keep_alive = False
+        elif not keep_alive:
+            headers.append(("Connection", "close"))
+        head = encode_response_head(status, headers)
+        self._keep_alive = keep_alive
+        return head, length, chunked
 
     async def _send_streamed_body(
         self, body: AsyncIterable[bytes], length: int | None, chunked: bool
@@ -716,11 +705,10 @@ class _ServerConnection:
         """Drain what is left of the request body, then get ready for the next request."""
         if not (self._responded and self._keep_alive):
             return False
-        conn = self.conn
-        if conn.they_are_waiting_for_100_continue and self._their_body_pending():
+        if self._expect_continue:
             return False  # we answered without asking for the body: it is not coming
         drained = 0
-        while self._their_body_pending():
+        while not self._body_done:
             try:
                 chunk = await self._receive_body_chunk()
             except GatewayError:
@@ -730,28 +718,16 @@ class _ServerConnection:
             drained += len(chunk)
             if drained > self.limits.max_body_bytes:
                 return False
-        conn = self.conn
-        their_done = self._body_left == 0 if self._raw_in else conn.their_state is h11.DONE
-        if not their_done:
-            return False
-        # h11 never saw our response (nor, if it was read around it, the request body):
-        # start a fresh state machine, exactly what start_next_cycle would give, fed
-        # with the pipelined bytes it had already buffered.
-        pipelined = b"" if self._raw_in else conn.trailing_data[0]
-        self.conn = self._new_h11()
-        if pipelined:
-            self.conn.receive_data(pipelined)
-        self._fed = len(pipelined)
-        return True
+        return True  # pipelined bytes, if any, wait in the buffer
 
     async def _upgrade(self, upgrade: Upgrade) -> bool:
         try:
-            # The upgrade request has no body we care about; h11 pauses after it.
-            while self.conn.their_state is h11.SEND_BODY:
-                if await self._receive_body_chunk() is None:
-                    break
-            await self._send(
-                h11.InformationalResponse(status_code=upgrade.status, headers=upgrade.headers)
+            # The upgrade request has no body we care about.
+            while await self._receive_body_chunk() is not None:
+                pass
+            self._response_started = True
+            await self.wire.send_all(
+                encode_response_head(upgrade.status, upgrade.headers), self.limits.send_timeout
             )
         except (
             GatewayError,
@@ -765,15 +741,16 @@ class _ServerConnection:
                 with trio.CancelScope(shield=True):
                     await upgrade.on_abort()
             return False
-        trailing, _closed = self.conn.trailing_data
-        await upgrade.relay(self.stream, bytes(trailing))
+        trailing = bytes(self._buf)
+        self._buf.clear()
+        await upgrade.relay(self.stream, trailing)
         return False
 
     async def linger(self, timeout: float = 2.0, max_bytes: int = 64 * 1024 * 1024) -> None:
         """Closing with a request body still unread would make the kernel reset the
         connection, and the client (or a proxy in front of us) could lose the answer we
         just sent. So half-close, and read and discard for a bounded while first."""
-        if not self._their_body_pending():
+        if self._body_done or not self._responded:
             return
         with trio.move_on_after(timeout):
             if isinstance(self.stream, trio.abc.HalfCloseableStream):
@@ -786,24 +763,16 @@ class _ServerConnection:
                 drained += len(data)
 
     async def _send_error_and_close(self, status: int, message: str) -> None:
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self._response_started:
             return
+        self._response_started = True
         response = Response.error(status, message, [("Connection", "close")])
         body = response.body
         assert isinstance(body, bytes)
+        head = encode_response_head(status, [*response.headers, ("Content-Length", str(len(body)))])
         try:
-            data = self.conn.send(
-                h11.Response(
-                    status_code=status,
-                    headers=[*response.headers, ("Content-Length", str(len(body)))],
-                )
-            )
-            data += self.conn.send(h11.Data(data=body))
-            data += self.conn.send(h11.EndOfMessage())
-            await self.wire.send_all(data, self.limits.send_timeout)
-        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.TooSlowError):
-            pass
-        except trio.ClosedResourceError:
+            await self.wire.send_all(head + body, self.limits.send_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
 
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``serve_web_proxy`` runs the shared h11 server (``dask_gateway_common.http.serve_http``)
+``serve_web_proxy`` runs the shared HTTP server (``dask_gateway_common.http.serve_http``)
 with :meth:`WebProxy.handle` as its handler, plus a sweeper for the upstream pool.
 
 Per request the handler:
@@ -12,18 +12,26 @@ Per request the handler:
 2. rewrites target and headers (pure functions in :mod:`.routing`);
 3. takes a keep-alive connection for the target's origin from :class:`~.pool.UpstreamPool`
    (connect failure → 502);
-4. sends the request, streaming the client's body straight into the upstream connection,
-   and waits at most ``response_timeout`` for the response head (→ 504). A request without
-   a body that fails on a *reused* connection is retried once on a fresh one (the upstream
-   may have closed it between our liveness check and the request);
-5. returns a ``Response`` whose body is an async generator pulling the upstream body chunk
-   by chunk, so memory stays constant whatever the size; when it ends cleanly the
-   connection goes back to the pool, otherwise it is closed. If the upstream breaks off
-   mid-body the generator raises ``BrokenResourceError`` so the server aborts the client
-   connection instead of ending the (chunked) response as if it were complete;
+4. sends the request, streaming the client's body straight into the upstream connection
+   (each write bounded by ``upload_idle``: an upstream that stops reading gets a 504), and
+   waits at most ``response_timeout`` per read for the response head (→ 504). A request
+   without a body that fails on a *reused* connection is retried once on a fresh one (the
+   upstream may have closed it between our liveness check and the request);
+5. a response body of known size up to ``SMALL_BODY`` is read whole, the upstream
+   connection goes straight back to the pool, and the answer leaves in one write. Any
+   other body is returned as an async generator pulling the upstream body chunk by chunk
+   (Content-Length bodies straight off the socket, see ``dask_gateway_common.http``), so
+   memory stays constant whatever the size; when it ends cleanly the connection goes back
+   to the pool, otherwise it is closed. If the upstream breaks off mid-body the generator
+   raises ``BrokenResourceError`` so the server aborts the client connection instead of
+   ending the response as if it were complete;
 6. for an upgrade request answered ``101``, returns ``Upgrade``: the server sends the 101
    and hands over the raw client stream; we first forward whatever bytes either side had
    already buffered, then relay bytes both ways until both directions close.
+
+Measured costs, bench/proxies.py (see docs in bench/README.md): see the commit history of
+this module and http.py; the main costs per small request are the two HTTP heads (parse +
+encode, ``dask_gateway_common.http1``), two trio waits and the route/header rewriting.
 
 Errors sent to the client are short plain-text bodies; details go to the log (never with
 query strings or headers, which may carry secrets).
