@@ -498,7 +498,17 @@ def running_gateway(
         gateway.secrets.append(default_password)
     leftovers: list[int] = []
     try:
-        local.start(timeout=60)
+        for attempt in range(3):
+            try:
+                local.start(timeout=60)
+                break
+            except RuntimeError as exc:
+                # Ports.free() is check-then-use: on a busy machine another process may
+                # take a port in between. Retry on fresh ports; anything else is a failure.
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                local.processes.clear()
+                local.ports = Ports.free()
         yield gateway
     finally:
         try:
