@@ -496,3 +496,31 @@ async def test_last_data_and_eof_arriving_together(kind: str) -> None:
                 assert await receive_exactly(y, 4) == b"last", i
                 assert await y.receive_some(10) == b"", i
                 await y.send_eof()
+
+
+@pytest.mark.parametrize("kind", ["copy", "auto", "splice", "trio-copy", "trio-auto"])
+async def test_bulk_lifts_trios_notsent_lowat(kind: str) -> None:
+    """trio caps unsent data at 16 KiB on its SocketStreams (TCP_NOTSENT_LOWAT); a direction
+    that streams bulk data lifts that cap on its destination, small messages leave it."""
+    skip_unless_splice(kind)
+    lowat = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+    with trio.fail_after(DEADLINE):
+        x, a = await tcp_pair()
+        b, y = await tcp_pair()
+        engine = not kind.startswith("trio-")
+        splice = {"copy": False, "auto": None, "splice": True}[kind.removeprefix("trio-")]
+        assert a.socket.getsockopt(socket.IPPROTO_TCP, lowat) == 1 << 14  # trio's default
+        assert b.socket.getsockopt(socket.IPPROTO_TCP, lowat) == 1 << 14
+
+        async def run_relay() -> None:
+            await relay_sockets(a.socket, b.socket, use_splice=splice, engine=engine)
+
+        async with running(run_relay), x, y:
+            await transfer(x, y, b"small")
+            await transfer(y, x, b"small")
+            assert b.socket.getsockopt(socket.IPPROTO_TCP, lowat) == 1 << 14
+            await transfer(x, y, random.randbytes(3_000_000))  # bulk, upward: a → b
+            assert b.socket.getsockopt(socket.IPPROTO_TCP, lowat) == 0
+            assert a.socket.getsockopt(socket.IPPROTO_TCP, lowat) == 1 << 14
+            await x.send_eof()
+            await y.send_eof()
