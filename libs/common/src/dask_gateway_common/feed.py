@@ -54,7 +54,7 @@ __all__ = [
     "unauthorized",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dask_gateway.feed")
 
 #: Upper bound for one streamed line (upstream's Go proxy uses a 64 KiB line scanner).
 MAX_LINE_BYTES = 60_000

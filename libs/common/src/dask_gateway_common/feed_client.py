@@ -50,7 +50,7 @@ __all__ = [
     "parse_list_message",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dask_gateway.feed_client")
 
 STATES = ("connecting", "listing", "watching", "backoff")
 
