@@ -147,7 +147,7 @@ async def test_informer_relists_after_410(kube: KubeEmulator, client: KubeClient
             await nursery.start(informer.run)
             # Changes happen while the watch is down and the history is lost: resuming
             # answers 410 Expired, the informer lists again and sees the deletion.
-            kube.fail_next(1, status=500, path="/secrets")  # the next watch attempt fails
+            kube.fail_next(1, status=500, method="GET", path="/secrets")  # the next watch fails
             kube.close_watches()
             kube.store.delete("secrets", NS, "a")
             await client.create("secrets", secret("c"))
