@@ -390,13 +390,13 @@ async def test_on_bytes_errors_are_not_swallowed(kind: str) -> None:
 async def test_engine_crash_fails_relays_and_a_new_engine_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dask_gateway_common.relay as relay_module
+    import dask_gateway_common.engine as engine_module
 
     def explode(self: object) -> None:
         raise SystemError("simulated engine bug")
 
     with trio.fail_after(DEADLINE):
-        monkeypatch.setattr(relay_module._Engine, "_run_commands", explode)
+        monkeypatch.setattr(engine_module.Engine, "_run_calls", explode)
         x, y, run_relay = await make_setup("copy")
         async with x, y:
             with pytest.raises(RuntimeError, match="engine crashed"):
