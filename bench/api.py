@@ -208,6 +208,7 @@ class Run:
                     if r:
                         self.add(t.label, f"list{threads}", r.calls_per_s)
                         self.add(t.label, f"list{threads}_cpu", r.server_cpu_pct)
+                        self.add(t.label, f"list{threads}_proxy_cpu", r.proxy_cpu_pct)
                         self.add(t.label, f"list{threads}_client_cpu", r.client_cpu_pct)
                 for key, direct in (("raw_get", False), ("raw_direct", True)):
                     r = self.attempt(
@@ -216,6 +217,7 @@ class Run:
                     if r:
                         self.add(t.label, key, r.calls_per_s)
                         self.add(t.label, f"{key}_cpu", r.server_cpu_pct)
+                        self.add(t.label, f"{key}_proxy_cpu", r.proxy_cpu_pct)
         for t in ready:
             peak = rss_bytes([t.api_pid]) / MiB
             self.values[t.label]["api_rss_20"] = max(self.values[t.label]["api_rss_20"], peak)
@@ -257,14 +259,17 @@ class Run:
                     "list_clusters calls/s, 1 thread", "list1", goal=">= 1.5x upstream", check=ge15
                 ),
                 row("  API CPU %", "list1_cpu"),
+                row("  proxy CPU %", "list1_proxy_cpu"),
                 row("  client CPU %", "list1_client_cpu"),
                 row(
                     "list_clusters calls/s, 8 threads", "list8", goal=">= 1.5x upstream", check=ge15
                 ),
                 row("  API CPU %", "list8_cpu"),
+                row("  proxy CPU %", "list8_proxy_cpu"),
                 row("  client CPU %", "list8_client_cpu"),
                 row("raw GET /api/v1/clusters/ req/s, 1 conn", "raw_get"),
                 row("  API CPU %", "raw_get_cpu"),
+                row("  proxy CPU %", "raw_get_proxy_cpu"),
                 row("  same, straight to the API process", "raw_direct", note="no proxy hop"),
                 row("  API CPU %", "raw_direct_cpu"),
                 row("API process RSS idle, MiB", "api_rss_idle", goal="<= upstream", check=le),

@@ -219,10 +219,30 @@ class Throughput:
     calls_per_s: float
     server_cpu_pct: float  # API process CPU, % of one core
     client_cpu_pct: float  # this (load-generating) process, % of one core
+    proxy_cpu_pct: float = 0.0  # the public proxies' processes, % of one core
 
 
-def _own_cpu() -> float:
-    return time.process_time()
+class CpuMeter:
+    """CPU % of one core used by the API, the proxies and this process over a window."""
+
+    def __init__(self, target: Target) -> None:
+        self.api = [target.api_pid]
+        self.proxies = list(target.proxy_pids().values())
+
+    def __enter__(self) -> CpuMeter:
+        self.t0 = time.perf_counter()
+        self.start = (cpu_seconds(self.api), cpu_seconds(self.proxies), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        end = (cpu_seconds(self.api), cpu_seconds(self.proxies), time.process_time())
+        self.api_pct, self.proxy_pct, self.own_pct = (
+            100 * (b - a) / self.wall for a, b in zip(self.start, end, strict=True)
+        )
+
+    def result(self, calls: int) -> Throughput:
+        return Throughput(calls / self.wall, self.api_pct, self.own_pct, self.proxy_pct)
 
 
 def list_throughput(target: Target, threads: int, duration: float, expect: int) -> Throughput:
@@ -259,21 +279,18 @@ def list_throughput(target: Target, threads: int, duration: float, expect: int) 
                 ready.wait(60)
             except threading.BrokenBarrierError:
                 pass
-            cpu0, own0 = cpu_seconds([target.api_pid]), _own_cpu()
-            t0 = time.perf_counter()
-            end_at = t0 + duration
-            go.set()
-            for w in workers:
-                w.join()
-            wall = time.perf_counter() - t0
-            cpu1, own1 = cpu_seconds([target.api_pid]), _own_cpu()
+            with CpuMeter(target) as meter:
+                end_at = time.perf_counter() + duration
+                go.set()
+                for w in workers:
+                    w.join()
     finally:
         go.set()
         for gw in gateways:
             release(gw)
     if errors:
         raise RuntimeError(f"{target.label}: list_clusters failed: {errors[0]!r}")
-    return Throughput(sum(counts) / wall, 100 * (cpu1 - cpu0) / wall, 100 * (own1 - own0) / wall)
+    return meter.result(sum(counts))
 
 
 def raw_get_throughput(
@@ -287,18 +304,16 @@ def raw_get_throughput(
             if len(active_names(api)) != expect:
                 raise RuntimeError(f"expected {expect} clusters")
             n = 0
-            t0 = time.perf_counter()
-            cpu0, own0 = cpu_seconds([target.api_pid]), _own_cpu()
-            while (now := time.perf_counter()) < t0 + duration:
-                status, _ = api.call("GET", "/api/v1/clusters/")
-                if status != 200:
-                    raise RuntimeError(f"raw GET: HTTP {status}")
-                n += 1
-            wall = now - t0
-            cpu1, own1 = cpu_seconds([target.api_pid]), _own_cpu()
+            with CpuMeter(target) as meter:
+                end = time.perf_counter() + duration
+                while time.perf_counter() < end:
+                    status, _ = api.call("GET", "/api/v1/clusters/")
+                    if status != 200:
+                        raise RuntimeError(f"raw GET: HTTP {status}")
+                    n += 1
     finally:
         api.close()
-    return Throughput(n / wall, 100 * (cpu1 - cpu0) / wall, 100 * (own1 - own0) / wall)
+    return meter.result(n)
 
 
 def p50_p99(values: list[float]) -> tuple[float, float]:
