@@ -324,13 +324,16 @@ class Run:
 
 
 def describe_machine() -> str:
-    import bokeh  # noqa: F401 - installed in the venv, which slows dashboard start-up
+    import importlib.util
+
     import distributed
 
+    # With bokeh installed, every scheduler and worker also builds its dashboard.
+    bokeh = "bokeh installed" if importlib.util.find_spec("bokeh") else "no bokeh"
     load = os.getloadavg()
     return (
         f"{platform.node()}: {os.cpu_count()} cores, load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, "
-        f"Python {platform.python_version()}, distributed {distributed.__version__}, bokeh installed"
+        f"Python {platform.python_version()}, distributed {distributed.__version__}, {bokeh}"
     )
 
 
