@@ -26,6 +26,8 @@ answers with the child's pid. The child becomes exactly the program of the reque
 
 A worker's nanny creates its worker process with multiprocessing ``fork`` instead of
 ``spawn`` (the nanny is already warm): the nanny and its restart-on-failure behaviour stay.
+That worker process starts with default signal handlers and without the nanny's network
+sockets (:func:`_detach_from_nanny`), as a spawned one would.
 The fork server itself starts with distributed's ``pre-spawn-environ`` variables
 (``MALLOC_TRIM_THRESHOLD_``, ``OMP_NUM_THREADS``...), so C-level settings read at process
 start match what a spawned worker gets. Anything else read at interpreter start
