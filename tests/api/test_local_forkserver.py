@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from dask_gateway_api.backends import ClusterLaunch
 from dask_gateway_api.backends.forkserver import (
@@ -389,3 +390,29 @@ def test_socket_helper_sees_only_inet_sockets() -> None:
     finally:
         for s in (a, b, tcp):
             s.close()
+
+
+def processes_in(directory: Path) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd") == str(directory):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+async def test_closing_the_backend_while_the_fork_server_imports(tmp_path: Path) -> None:
+    root = (tmp_path / "clusters").resolve()
+    with trio.fail_after(30):
+        async with open_local_backend(root) as backend:
+            # The fork server is starting: its process exists, it has not said ready.
+            await trio.testing.wait_all_tasks_blocked()
+            assert backend.fork_server is None
+            assert processes_in(root)
+            start = trio.current_time()
+        # It is killed at once, not waited for until its imports are done.
+        assert trio.current_time() - start < 3
+        assert not processes_in(root)

@@ -285,12 +285,12 @@ class ForkServer:
             with trio.fail_after(ready_timeout):
                 hello = parse_reply(await server._sock.recv(MAX_MESSAGE) or b"null")
         except (trio.TooSlowError, OSError, ForkServerError) as exc:
-            await server.aclose()
+            await server.aclose(timeout=0)
             reason = "not ready in time" if isinstance(exc, trio.TooSlowError) else str(exc)
             raise ForkServerError(f"fork server failed to start: {reason}") from None
         except BaseException:
             with trio.CancelScope(shield=True):
-                await server.aclose()
+                await server.aclose(timeout=0)
             raise
         if hello.get("ready") is not True:
             await server.aclose()
@@ -338,14 +338,16 @@ class ForkServer:
         return await self.process.wait()
 
     async def aclose(self, timeout: float = 5.0) -> None:
-        """Stop the fork server (never its children)."""
+        """Stop the fork server (never its children): it exits when its socket closes;
+        after ``timeout`` (at once with ``timeout=0``, e.g. while it is still importing)
+        it is killed."""
         self._broken = True
         self._sock.close()
         with trio.move_on_after(timeout) as scope:
             await self.process.wait()
         if scope.cancelled_caught:
             self.process.kill()
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(5):
                 await self.process.wait()
 
 
@@ -593,7 +595,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if missing:
         print(f"fork server: not preloaded (unavailable): {', '.join(missing)}", file=sys.stderr)
-    _send(sock, {"ready": True, "pid": os.getpid()})
+    try:
+        _send(sock, {"ready": True, "pid": os.getpid()})
+    except OSError:
+        return 0  # the API went away while we were importing
     child = serve(sock)
     if child is None:
         return 0
