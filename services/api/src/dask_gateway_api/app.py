@@ -25,6 +25,7 @@ from dask_gateway_common.errors import GatewayError
 from dask_gateway_common.http import Request, Response
 
 from .auth import User, UserAuth, cluster_token_matches, token_required
+from .dashboard_auth import DashboardAuth
 from .limits import validate_adapt_body, validate_scale_body
 from .manager import ClusterManager
 from .models import ACTIVE_STATUSES, Cluster, parse_status_filter, to_wire
@@ -182,8 +183,10 @@ class ApiApp:
         prefix: str = "",
         routes_handler: Handler | None = None,
         version: str | None = None,
+        dashboards: DashboardAuth | None = None,
     ) -> None:
         self.manager = manager
+        self.dashboards = dashboards
         self.auth = auth
         self.prefix = normalize_prefix(prefix)
         self.routes_handler = routes_handler
@@ -191,6 +194,11 @@ class ApiApp:
         self._wire = WireCache()
 
     async def __call__(self, request: Request) -> Response:
+        # Dashboard access check and hub OAuth login (dashboard_auth.py).
+        if self.dashboards is not None:
+            answer = await self.dashboards.maybe_handle(request)
+            if answer is not None:
+                return answer
         matched = match_route(request.path, self.prefix)
         if matched is None:
             raise GatewayError("Not Found", status=404)

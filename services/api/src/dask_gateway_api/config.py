@@ -75,6 +75,8 @@ from .resources import (
 __all__ = [
     "AUTH_TYPES",
     "AuthSettings",
+    "DASHBOARD_MODES",
+    "DashboardSettings",
     "BACKEND_TYPES",
     "KUBERNETES_SCHEMA",
     "KubernetesSettings",
@@ -89,6 +91,7 @@ __all__ = [
 ]
 
 AUTH_TYPES = ("simple", "jupyterhub", "kerberos")
+DASHBOARD_MODES = ("owner", "none")
 BACKEND_TYPES = ("local", "kubernetes")
 TOP = ""  # the section name of top-level keys
 
@@ -138,6 +141,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "kerberos_service_name": Key("str", "HTTP"),
         "kerberos_keytab": Key("str", "dask_gateway.keytab"),
     },
+    "dashboards": {
+        "auth": Key("str", "owner"),
+        "jupyterhub_oauth": Key("bool", None, optional=True),
+        "oauth_client_id": Key("str", None, optional=True),
+        "oauth_redirect_uri": Key("str", None, optional=True),
+        "oauth_authorize_url": Key("str", None, optional=True),
+    },
     "backend": {
         "type": Key("str", "local"),
         "workdir": Key("str", ".run/clusters"),
@@ -185,6 +195,8 @@ FALLBACK_ENV = {
     ("auth", "jupyterhub_api_url"): "JUPYTERHUB_API_URL",
     ("auth", "jupyterhub_api_token"): "JUPYTERHUB_API_TOKEN",
     ("auth", "jupyterhub_service_name"): "JUPYTERHUB_SERVICE_NAME",
+    ("dashboards", "oauth_client_id"): "JUPYTERHUB_CLIENT_ID",
+    ("dashboards", "oauth_redirect_uri"): "JUPYTERHUB_OAUTH_CALLBACK_URL",
 }
 
 
@@ -210,6 +222,19 @@ class AuthSettings:
     jupyterhub_cache_size: int = 1024
     kerberos_service_name: str = "HTTP"
     kerberos_keytab: str = "dask_gateway.keytab"
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """``dashboards``: who may open a cluster's dashboard, and the hub OAuth client that
+    logs browsers in with ``auth.type: jupyterhub`` (see ``dashboard_auth``)."""
+
+    auth: str = "owner"
+    #: ``None``: on iff auth is jupyterhub and a client id and the hub token are known.
+    jupyterhub_oauth: bool | None = None
+    oauth_client_id: str | None = None
+    oauth_redirect_uri: str | None = None
+    oauth_authorize_url: str | None = None
 
 
 #: ``backend.kubernetes`` keys that configure the backend itself. The per-cluster keys
@@ -305,6 +330,7 @@ class Settings:
     stopped_record_max_age: float = 86400.0
     log_level: str = "INFO"
     auth: AuthSettings = field(default_factory=AuthSettings)
+    dashboards: DashboardSettings = field(default_factory=DashboardSettings)
     backend: BackendSettings = field(default_factory=BackendSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     user_limits: UserLimits = field(default_factory=UserLimits)
@@ -638,6 +664,41 @@ def _jupyterhub_problems(v: dict[str, Any], problems: list[str]) -> None:
         problems.append("auth.jupyterhub_tls_key is set without auth.jupyterhub_tls_cert")
 
 
+def _dashboards(v: dict[str, Any], auth: AuthSettings, problems: list[str]) -> DashboardSettings:
+    where = "dashboards"
+    if v.get("auth", "owner") not in DASHBOARD_MODES:
+        problems.append(
+            f"{where}.auth: must be one of {', '.join(DASHBOARD_MODES)}, got {v['auth']!r}"
+        )
+    if v.get("oauth_redirect_uri"):
+        v["oauth_redirect_uri"] = _url(
+            v["oauth_redirect_uri"], f"{where}.oauth_redirect_uri", problems
+        )
+    authorize = v.get("oauth_authorize_url")
+    if authorize and not authorize.strip().startswith("/"):
+        v["oauth_authorize_url"] = _url(authorize, f"{where}.oauth_authorize_url", problems)
+    elif authorize and (authorize.startswith("//") or any(c.isspace() for c in authorize)):
+        problems.append(
+            f"{where}.oauth_authorize_url: expected a URL or a path like "
+            f"/hub/api/oauth2/authorize, got {authorize!r}"
+        )
+    if v.get("jupyterhub_oauth"):
+        if auth.type != "jupyterhub":
+            problems.append(f"{where}.jupyterhub_oauth needs auth.type jupyterhub")
+        if not auth.jupyterhub_api_token:
+            problems.append(
+                f"{where}.jupyterhub_oauth needs the gateway's hub token (the OAuth client "
+                "secret): auth.jupyterhub_api_token or JUPYTERHUB_API_TOKEN"
+            )
+        if not (v.get("oauth_client_id") or auth.jupyterhub_service_name):
+            problems.append(
+                f"{where}.jupyterhub_oauth needs {where}.oauth_client_id or "
+                "auth.jupyterhub_service_name (the client id is then service-<name>)"
+            )
+    kwargs = {k: val for k, val in v.items() if k in SCHEMA["dashboards"]}
+    return DashboardSettings(**kwargs)
+
+
 def _kubernetes(
     raw: Mapping[str, Any], env: Mapping[str, str], problems: list[str]
 ) -> KubernetesSettings:
@@ -854,6 +915,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
     values = _gather(data, env, problems)
     top = _top(values[TOP], problems)
     auth = _auth(values["auth"], problems)
+    dashboards = _dashboards(values["dashboards"], auth, problems)
     backend = _backend(values["backend"], env, problems)
     cluster = _cluster(values["cluster"], problems)
     if cluster is not None and backend.type == "kubernetes":
@@ -865,6 +927,7 @@ def settings_from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Se
     assert cluster is not None
     return Settings(
         auth=auth,
+        dashboards=dashboards,
         backend=backend,
         cluster=cluster,
         user_limits=user_limits,

@@ -36,6 +36,7 @@ from .auth_kerberos import KerberosAuthenticator, KerberosUnavailable
 from .backends.base import Backend
 from .backends.local import open_local_backend
 from .config import AuthSettings, Settings, load_settings
+from .dashboard_auth import DashboardAuth, oauth_from_settings
 from .manager import ClusterManager, ManagerConfig
 from .store import StoreError, open_store
 
@@ -44,6 +45,7 @@ __all__ = [
     "PROG",
     "main",
     "make_authenticator",
+    "make_dashboard_auth",
     "manager_config",
     "open_backend",
     "serve_api",
@@ -107,6 +109,41 @@ def make_authenticator(settings: AuthSettings) -> Authenticator:
         except ValueError as exc:
             raise SettingsError([f"auth.kerberos_service_name: {exc}"]) from None
     raise SettingsError([f"auth.type {settings.type!r} is not supported by this build"])
+
+
+def make_dashboard_auth(
+    settings: Settings, manager: ClusterManager, auth: UserAuth
+) -> DashboardAuth:
+    """The dashboard access check and hub OAuth client (``dashboards`` settings).
+
+    Raises SettingsError when the hub TLS files cannot be loaded.
+    """
+    oauth = oauth_from_settings(settings)
+    if settings.auth.type == "jupyterhub" and settings.dashboards.auth == "owner" and not oauth:
+        log.warning(
+            "Dashboards: no JupyterHub OAuth client (set auth.jupyterhub_api_token and "
+            "auth.jupyterhub_service_name), so browsers cannot log in to dashboards; only "
+            "requests carrying 'Authorization: jupyterhub <token>' can open them"
+        )
+    ssl_context = None
+    if oauth is not None and (settings.auth.jupyterhub_tls_ca or settings.auth.jupyterhub_tls_cert):
+        try:
+            ssl_context = client_ssl_context(
+                ca_file=settings.auth.jupyterhub_tls_ca,
+                cert_file=settings.auth.jupyterhub_tls_cert,
+                key_file=settings.auth.jupyterhub_tls_key,
+            )
+        except (OSError, ValueError) as exc:
+            raise SettingsError([f"auth.jupyterhub_tls_*: cannot load: {exc}"]) from None
+    return DashboardAuth(
+        manager=manager,
+        auth=auth,
+        proxy_token=settings.proxy_token,
+        prefix=settings.prefix,
+        mode=settings.dashboards.auth,
+        oauth=oauth,
+        ssl_context=ssl_context,
+    )
 
 
 def manager_config(settings: Settings) -> ManagerConfig:
@@ -176,16 +213,23 @@ async def serve_api(
     """
     authenticator = make_authenticator(settings.auth)
     try:
-        async with open_backend(settings) as (store, backend), HTTPClient() as http:
+        async with (
+            open_backend(settings) as (store, backend),
+            HTTPClient() as http,
+            contextlib.AsyncExitStack() as stack,
+        ):
             feed = RouteFeed()
             manager = ClusterManager(manager_config(settings), store, backend, feed, http)
             auth = UserAuth(authenticator, CookieCache(settings.auth.cookie_max_age))
+            dashboards = make_dashboard_auth(settings, manager, auth)
+            stack.push_async_callback(dashboards.aclose)
             app = ApiApp(
                 manager,
                 auth,
                 prefix=settings.prefix,
                 routes_handler=make_feed_handler(feed, settings.proxy_token),
                 version=server_version(),
+                dashboards=dashboards,
             )
             host, port = settings.bind
             async with trio.open_nursery() as nursery:
