@@ -615,3 +615,17 @@ def test_internal_url_is_validated_and_trimmed() -> None:
     with pytest.raises(SettingsError) as info:
         settings_from_mapping({"internal_url": "ftp://x"}, env)
     assert any("internal_url" in p for p in info.value.problems)
+
+
+def test_fork_server_switch() -> None:
+    from dask_gateway_api.config import settings_from_mapping
+
+    env = {"DASK_GATEWAY_PROXY_TOKEN": "t" * 32}
+    assert settings_from_mapping({}, env).backend.fork_server is True
+    assert (
+        settings_from_mapping({"backend": {"fork_server": False}}, env).backend.fork_server is False
+    )
+    off = dict(env, DASK_GATEWAY_BACKEND__FORK_SERVER="false")
+    assert settings_from_mapping({}, off).backend.fork_server is False
+    with pytest.raises(SettingsError):
+        settings_from_mapping({"backend": {"fork_server": "maybe"}}, env)

@@ -153,6 +153,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "workdir": Key("str", ".run/clusters"),
         "status_period": Key("float", 30.0),
         "stop_grace": Key("float", 5.0),
+        "fork_server": Key("bool", True),
         "kubernetes": Key("map", {}),
     },
     "cluster": {
@@ -284,6 +285,7 @@ class BackendSettings:
     workdir: str = ".run/clusters"
     status_period: float = 30.0
     stop_grace: float = 5.0
+    fork_server: bool = True
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
 

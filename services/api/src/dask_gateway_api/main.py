@@ -184,7 +184,9 @@ async def open_backend(settings: Settings) -> AsyncIterator[tuple[Any, Backend]]
     store = open_store(settings.db_path, [k.encode() for k in settings.encrypt_keys])
     try:
         async with open_local_backend(
-            settings.backend.workdir, stop_grace=settings.backend.stop_grace
+            settings.backend.workdir,
+            stop_grace=settings.backend.stop_grace,
+            fork_server=settings.backend.fork_server,
         ) as backend:
             yield store, backend
     finally:
