@@ -628,6 +628,9 @@ class ClusterManager:
         """
         await self.backend.wait_exit(state)
         worker = self._workers.get(name, {}).get(worker_name)
+        cluster = self._clusters.get(name)
+        if cluster is None or not cluster.is_active:
+            return  # the cluster is being torn down: its workers are meant to exit
         if worker is not None and worker.state == state and worker.status is WorkerStatus.PENDING:
             log.warning("cluster %s: worker %s exited before joining", name, worker_name)
             self._worker_start_failed(name, worker_name)
