@@ -64,6 +64,7 @@ from dask_gateway_common.relay import relay
 from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.streams import PrefixedStream
 
+from .access import DashboardAccess
 from .pool import Origin, UpstreamPool
 from .routing import (
     ProxyRoute,
@@ -381,23 +382,30 @@ async def serve_web_proxy(
     limits: HTTPLimits | None = None,
     pool: UpstreamPool | None = None,
     metrics: ProxyMetrics | None = None,
+    access: DashboardAccess | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the proxy on ``host:port`` until cancelled; reports the bound ``(host, port)``.
 
     ``table`` is read on every request (keep it updated with a ``RouteFeedClient``);
-    ``metrics`` (optional) counts answered requests by status and body/relay bytes.
+    ``metrics`` (optional) counts answered requests by status and body/relay bytes;
+    ``access`` (optional) admits requests into dashboards only with the API's consent.
     """
     own_pool = pool is None
     if pool is None:
         pool = UpstreamPool(connect_timeout=timeouts.connect)
     proxy = WebProxy(table, pool=pool, timeouts=timeouts, metrics=metrics)
+    handler = proxy.handle
+    # --- dashboard access hook (access.py): owner-only dashboards ---
+    if access is not None:
+        handler = access.gate(proxy.handle, lambda path: proxy.router.match(path), proxy._count)
+    # --- end of the dashboard access hook ---
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run_sweeper, 15.0)
             bound = await nursery.start(
                 lambda task_status: serve_http(
-                    proxy.handle,
+                    handler,
                     host,
                     port,
                     limits=limits or default_limits(),
