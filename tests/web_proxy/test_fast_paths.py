@@ -4,11 +4,15 @@ sockets, small bodies answered in one write, and what happens when a side goes a
 from __future__ import annotations
 
 import hashlib
+import ssl
+from pathlib import Path
 
 import trio
 
+from dask_gateway_common import http
 from dask_gateway_common.errors import GatewayError
 from dask_gateway_common.http import Request, Response, open_http_connection
+from dask_gateway_common.tls import generate_cluster_credentials, write_private_file
 
 from .helpers import loads, open_proxy, start_backend
 
@@ -53,8 +57,16 @@ async def sized_backend(request: Request) -> Response:
     )
 
 
-async def test_sized_download_and_upload_keep_both_connections_alive() -> None:
+async def test_sized_download_and_upload_keep_both_connections_alive(monkeypatch) -> None:  # noqa: ANN001
     clients: set[int] = set()
+    spliced: list[int] = []
+    real_splice = http._splice_exactly
+
+    async def counting_splice(src: int, dst: int, count: int, **kwargs: object) -> None:
+        spliced.append(count)
+        await real_splice(src, dst, count, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http, "_splice_exactly", counting_splice)
 
     async def backend(request: Request) -> Response:
         assert request.client is not None
@@ -96,6 +108,8 @@ async def test_sized_download_and_upload_keep_both_connections_alive() -> None:
             finally:
                 await conn.aclose()
         assert env.pool.connections_opened == 1 and len(clients) == 1
+        if http.SPLICE_AVAILABLE:  # the big downloads went socket to socket
+            assert len(spliced) == 2 and all(0 < n <= len(BIG) for n in spliced)
         down = env.metrics.bytes_total.labels(direction="down")._value.get()
         up = env.metrics.bytes_total.labels(direction="up")._value.get()
         assert down == received and up == 2 * len(BIG)
@@ -189,3 +203,27 @@ async def test_small_bodies_are_buffered_and_their_connection_reused_at_once() -
         # client was ever opened
         assert env.pool.connections_opened <= 8
         assert env.pool.idle_count == env.pool.connections_opened
+
+
+async def test_sized_download_to_a_tls_client_is_streamed_in_chunks(tmp_path: Path) -> None:
+    cert, key = generate_cluster_credentials("localhost")
+    write_private_file(tmp_path / "cert.pem", cert)
+    write_private_file(tmp_path / "key.pem", key)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_ctx = ssl.create_default_context(cadata=cert.decode())
+    async with open_proxy(ssl_context=server_ctx) as env:
+        port = await start_backend(env.nursery, sized_backend)
+        await env.route("/clusters/tls", f"http://127.0.0.1:{port}")
+        with trio.fail_after(30):
+            conn = await open_http_connection(
+                "127.0.0.1", env.port, ssl_context=client_ctx, server_hostname="localhost"
+            )
+            try:
+                for _ in range(2):
+                    response = await conn.request("GET", "/clusters/tls/big")
+                    assert response.content_length == len(BIG)
+                    assert hashlib.sha256(await response.read()).hexdigest() == BIG_SHA
+            finally:
+                await conn.aclose()
+        assert env.pool.connections_opened == 1

@@ -52,11 +52,15 @@ import logging
 import math
 import os
 import ssl
+import sys
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+if sys.platform == "linux":
+    import fcntl
 
 import h11
 import trio
@@ -87,6 +91,7 @@ __all__ = [
     "HTTPLimits",
     "Handler",
     "Headers",
+    "Passthrough",
     "Request",
     "Response",
     "Upgrade",
@@ -315,6 +320,13 @@ class _Wire:
         self.stream = stream
         self._sock = stream.socket if type(stream) is trio.SocketStream else None
 
+    def fileno(self) -> int | None:
+        """The socket's fd when this is a plain socket (else None: TLS, memory)."""
+        if self._sock is None:
+            return None
+        fd = self._sock.fileno()
+        return fd if fd >= 0 else None
+
     def _fd(self) -> int:
         assert self._sock is not None
         fd = self._sock.fileno()
@@ -391,6 +403,83 @@ class _Wire:
                         raise _broken(exc) from exc
                 return
         raise trio.TooSlowError
+
+
+class _UpstreamBroke(trio.BrokenResourceError):
+    """The source of a forwarded body failed (closed early, reset, went silent)."""
+
+
+SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+_PIPE_BYTES = 1 << 20  # asked for with F_SETPIPE_SZ; the kernel may keep its default
+_F_SETPIPE_SZ = 1031
+
+
+def _open_pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_BYTES)
+    except OSError:  # capped by /proc/sys/fs/pipe-max-size: keep the default size
+        pass
+    return read_end, write_end
+
+
+async def _wait(wait: Callable[[int], Awaitable[None]], fd: int, timeout: float) -> bool:
+    """Wait for ``fd``; False if ``timeout`` passed first."""
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+        await wait(fd)
+    return not scope.cancelled_caught
+
+
+async def _splice_exactly(
+    src: int,
+    dst: int,
+    count: int,
+    *,
+    read_timeout: float,
+    write_timeout: float,
+    on_bytes: Callable[[int], None] | None,
+) -> None:
+    """Move exactly ``count`` bytes from socket ``src`` to socket ``dst`` through a pipe
+    (``os.splice``: the bytes never enter Python). Source failures (EOF, reset, silence
+    for ``read_timeout``) raise ``_UpstreamBroke``; destination failures raise
+    ``trio.BrokenResourceError`` or, after ``write_timeout``, ``trio.TooSlowError``."""
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK  # type: ignore[attr-defined]
+    pipe_r, pipe_w = _open_pipe()
+    try:
+        left = count  # still to take from the source
+        pending = 0  # in the pipe
+        moves = 0
+        while left or pending:
+            if left and not pending:
+                try:
+                    n = os.splice(src, pipe_w, min(left, _PIPE_BYTES), flags=flags)  # type: ignore[attr-defined]
+                except BlockingIOError:
+                    if not await _wait(trio.lowlevel.wait_readable, src, read_timeout):
+                        raise _UpstreamBroke("the upstream went silent mid-body") from None
+                    continue
+                except OSError as exc:
+                    raise _UpstreamBroke(f"the upstream connection broke: {exc}") from exc
+                if not n:
+                    raise _UpstreamBroke("the upstream closed the connection mid-body")
+                left -= n
+                pending += n
+            try:
+                n = os.splice(pipe_r, dst, pending, flags=flags)  # type: ignore[attr-defined]
+            except BlockingIOError:
+                if not await _wait(trio.lowlevel.wait_writable, dst, write_timeout):
+                    raise trio.TooSlowError from None
+                continue
+            except OSError as exc:
+                raise _broken(exc) from exc
+            pending -= n
+            if on_bytes is not None:
+                on_bytes(n)
+            moves += 1
+            if moves % _YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)
 
 
 # --------------------------------------------------------------------------- server
@@ -611,7 +700,10 @@ class _ServerConnection:
                 await wire.send_all(body, timeout)  # type: ignore[arg-type]
         else:
             await wire.send_all(head, timeout)
-            await self._send_streamed_body(body, length, chunked)  # type: ignore[arg-type]
+            if isinstance(body, Passthrough) and length is not None and not chunked:
+                await body._send(wire, length, timeout)
+            else:
+                await self._send_streamed_body(body, length, chunked)  # type: ignore[arg-type]
         self._responded = True
 
     def _response_head(
@@ -672,8 +764,9 @@ class _ServerConnection:
         count = 0
         wire = self.wire
         timeout = self.limits.send_timeout
+        chunks = aiter(body)
         try:
-            async for chunk in body:
+            async for chunk in chunks:
                 if not chunk:
                     continue
                 sent += len(chunk)
@@ -693,8 +786,10 @@ class _ServerConnection:
                 if count % _YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
         finally:
-            if hasattr(body, "aclose"):
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if hasattr(chunks, "aclose"):
+                    await chunks.aclose()
+                if chunks is not body and hasattr(body, "aclose"):
                     await body.aclose()
         if length is not None and sent != length:
             raise h11.LocalProtocolError("Too little data for declared Content-Length")
@@ -884,18 +979,140 @@ class ClientResponse:
             yield chunk
 
     async def read(self, limit: int | None = None, timeout: float | None = None) -> bytes:
+        """The whole body (``limit``: at most that many bytes, else a 502 GatewayError)."""
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.iter_body(timeout):
-            size += len(chunk)
-            if limit is not None and size > limit:
-                raise GatewayError(f"Response body exceeds {limit} bytes", status=502)
-            parts.append(chunk)
-        self.body = b"".join(parts)
+        if not self._finished:
+            receive = self._connection._receive_body_chunk
+            wait = math.inf if timeout is None else timeout
+            while (chunk := await receive(wait)) is not None:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise GatewayError(f"Response body exceeds {limit} bytes", status=502)
+                parts.append(chunk)
+            self._finished = True
+        self.body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self.body
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+class Passthrough:
+    """A response body forwarded from an upstream response (a proxy's answer).
+
+    ``Response(status, headers, Passthrough(upstream))`` sends the body of ``upstream`` (a
+    ``ClientResponse`` whose body is still unread). When both connections are plain
+    sockets and the body has a Content-Length that the response's headers repeat, the
+    bytes go socket to socket with ``os.splice`` and never enter Python; otherwise it is
+    an ordinary async iterable of chunks. ``idle_timeout`` bounds each wait for upstream
+    bytes; ``on_bytes(n)`` is called as bytes go out; ``on_end(complete)`` is awaited once,
+    when the body has gone through completely (True) or not (False: the upstream
+    connection must then be closed). If the *upstream* fails mid-body, ``upstream_error``
+    is set and the server aborts the client connection rather than end the response as if
+    it were complete.
+    """
+
+    def __init__(
+        self,
+        source: ClientResponse,
+        *,
+        idle_timeout: float = math.inf,
+        on_bytes: Callable[[int], None] | None = None,
+        on_end: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self.source = source
+        self.idle_timeout = idle_timeout
+        self.on_bytes = on_bytes
+        self.on_end = on_end
+        self.upstream_error: BaseException | None = None
+        self._ended = False
+
+    async def _end(self, complete: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self.on_end is not None:
+            with trio.CancelScope(shield=True):
+                await self.on_end(complete)
+
+    async def aclose(self) -> None:
+        """Give up on the body (if it has not gone through): ``on_end(False)``."""
+        await self._end(False)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        on_bytes = self.on_bytes
+        complete = False
+        try:
+            try:
+                async for chunk in self.source.iter_body(self.idle_timeout):
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+                    yield chunk
+                complete = True
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+                self.upstream_error = exc
+                raise trio.BrokenResourceError("the upstream broke off the response") from exc
+        finally:
+            await self._end(complete)
+
+    async def _send(self, wire: _Wire, length: int, timeout: float) -> None:
+        """Send the body on the server's ``wire``; spliced when possible."""
+        source = self.source
+        upstream = source._connection
+        src = upstream._wire.fileno()
+        dst = wire.fileno()
+        if (
+            not SPLICE_AVAILABLE
+            or src is None
+            or dst is None
+            or source._finished
+            or upstream._framing != "length"
+            or upstream._left != length
+        ):
+            await self._send_chunks(wire, length, timeout)
+            return
+        complete = False
+        try:
+            buffered = upstream._buf  # body bytes that came in with the head
+            if buffered:
+                data = bytes(buffered)
+                buffered.clear()
+                upstream._left -= len(data)
+                await wire.send_all(data, timeout)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data))
+            await _splice_exactly(
+                src,
+                dst,
+                upstream._left,
+                read_timeout=self.idle_timeout,
+                write_timeout=timeout,
+                on_bytes=self.on_bytes,
+            )
+            upstream._left = 0
+            upstream._response_done()
+            source._finished = True
+            complete = True
+        except _UpstreamBroke as exc:
+            self.upstream_error = exc
+            raise
+        finally:
+            await self._end(complete)
+
+    async def _send_chunks(self, wire: _Wire, length: int, timeout: float) -> None:
+        sent = 0
+        try:
+            async with aclosing(self.__aiter__()) as chunks:
+                async for chunk in chunks:
+                    sent += len(chunk)
+                    if sent > length:
+                        raise h11.LocalProtocolError("Too much data for declared Content-Length")
+                    await wire.send_all(chunk, timeout)
+        finally:
+            await self.aclose()
+        if sent != length:
+            raise h11.LocalProtocolError("Too little data for declared Content-Length")
 
 
 # HTTPConnection states

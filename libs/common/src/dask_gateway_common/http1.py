@@ -69,8 +69,8 @@ _MAX_LENGTH_DIGITS: Final = 20
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _TOKEN_TEXT = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _TARGET_TEXT = re.compile(r"[\x21-\x7e]+")
-_BAD_VALUE_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_HEAD_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BAD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
@@ -84,7 +84,7 @@ _known_raw_names: dict[bytes, bytes] = {}
 _KNOWN_NAMES_MAX: Final = 512
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
     """A parsed response head; header names are lower-cased, values OWS-stripped."""
 
@@ -94,7 +94,7 @@ class ResponseHead:
     headers: list[tuple[bytes, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
     """A parsed request head; header names are lower-cased, values OWS-stripped."""
 
@@ -110,19 +110,35 @@ Framing = tuple[Literal["length", "chunked", "close"], int]
 # ------------------------------------------------------------------------- encoding
 
 
-def _check_field(name: str, value: str) -> None:
-    if name not in _known_names:
-        if not _TOKEN_TEXT.fullmatch(name):
-            raise h11.LocalProtocolError(f"Illegal header name {name!r}")
-        if len(_known_names) < _KNOWN_NAMES_MAX:
-            _known_names.add(name)
-    if _BAD_VALUE_TEXT.search(value):
-        raise h11.LocalProtocolError(f"Illegal header value for {name!r}")
-
-
-def _encode(text: str) -> bytes:
+def _encode_fields(start: str, headers: list[tuple[str, str]]) -> tuple[bytes, int]:
+    """``start`` line plus the header lines and the blank line, validated; also returns
+    how many ``Host`` headers there were."""
+    known = _known_names
+    hosts = 0
+    parts = [start]
+    for name, value in headers:
+        if name not in known:
+            if not _TOKEN_TEXT.fullmatch(name):
+                raise h11.LocalProtocolError(f"Illegal header name {name!r}")
+            if len(known) < _KNOWN_NAMES_MAX:
+                known.add(name)
+        if name == "Host" or name.lower() == "host":
+            hosts += 1
+        parts += (name, ": ", value, "\r\n")
+    parts.append("\r\n")
+    text = "".join(parts)
+    # One scan of the whole head instead of one per value: no control character but
+    # HTAB, and CR/LF only where we put them (so no value smuggles in a line break).
+    lines = len(headers) + 2
+    if (
+        _BAD_HEAD_TEXT.search(text)
+        or text.count("\n") != lines
+        or text.count("\r\n") != lines
+        or text.count("\r") != lines
+    ):
+        raise h11.LocalProtocolError("Illegal character in a header value")
     try:
-        return text.encode("latin-1")
+        return text.encode("latin-1"), hosts
     except UnicodeEncodeError as exc:
         raise h11.LocalProtocolError(f"Header text is not latin-1: {exc}") from None
 
@@ -133,39 +149,27 @@ def encode_request_head(method: str, target: str, headers: list[tuple[str, str]]
         raise h11.LocalProtocolError("Illegal method characters")
     if not _TARGET_TEXT.fullmatch(target):
         raise h11.LocalProtocolError("Illegal target characters")
-    lines = [f"{method} {target} HTTP/1.1\r\n"]
-    hosts = 0
-    for name, value in headers:
-        _check_field(name, value)
-        if name.lower() == "host":
-            hosts += 1
-        lines.append(f"{name}: {value}\r\n")
+    data, hosts = _encode_fields(f"{method} {target} HTTP/1.1\r\n", headers)
     if hosts != 1:
         raise h11.LocalProtocolError("A request needs exactly one Host header")
-    lines.append("\r\n")
-    return _encode("".join(lines))
+    return data
 
 
-_reasons: dict[int, str] = {}
+_status_lines: dict[int, str] = {}
 
 
 def encode_response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
     """``HTTP/1.1 status reason`` and the headers (the standard reason phrase)."""
-    if not 100 <= status <= 999:
-        raise h11.LocalProtocolError(f"Illegal status code {status}")
-    reason = _reasons.get(status)
-    if reason is None:
+    line = _status_lines.get(status)
+    if line is None:
+        if not 100 <= status <= 999:
+            raise h11.LocalProtocolError(f"Illegal status code {status}")
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:
             reason = ""
-        _reasons[status] = reason
-    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-    for name, value in headers:
-        _check_field(name, value)
-        lines.append(f"{name}: {value}\r\n")
-    lines.append("\r\n")
-    return _encode("".join(lines))
+        line = _status_lines[status] = f"HTTP/1.1 {status} {reason}\r\n"
+    return _encode_fields(line, headers)[0]
 
 
 def encode_chunk(data: bytes) -> tuple[bytes, bytes]:
@@ -176,22 +180,33 @@ def encode_chunk(data: bytes) -> tuple[bytes, bytes]:
 # ------------------------------------------------------------------------- parsing
 
 
-def _find_head(buf: bytearray, start: int, max_bytes: int, what: str) -> re.Match[bytes] | None:
-    match = _BLANK_LINE.search(buf, max(0, start))
-    if (match is None and len(buf) > max_bytes) or (
-        match is not None and match.start() > max_bytes
-    ):
+def _find_head(buf: bytearray, start: int, max_bytes: int, what: str) -> tuple[int, int] | None:
+    """Where the first blank line is: (end of the header lines, end of the head), or None
+    if there is none yet. ``start`` is where a blank line may begin at the earliest."""
+    start = max(0, start)
+    # Fast path, every well-behaved peer: the first CRLF CRLF, with no blank line made of
+    # bare LFs before it.
+    i = buf.find(b"\r\n\r\n", start)
+    if i >= 0 and buf.find(b"\n\n", start, i + 2) < 0 and buf.find(b"\n\r\n", start, i + 3) < 0:
+        found: tuple[int, int] | None = (i + 1, i + 4)
+    else:
+        match = _BLANK_LINE.search(buf, start)
+        found = None if match is None else (match.start(), match.end())
+    if (found is None and len(buf) > max_bytes) or (found is not None and found[0] > max_bytes):
         raise h11.RemoteProtocolError(f"{what} too large", error_status_hint=431)
-    return match
+    return found
 
 
 def _parse_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """Header lines (after the start line) -> (lower-cased name, OWS-stripped value)."""
+    """Header lines (after the start line, control characters already refused) ->
+    (lower-cased name, OWS-stripped value)."""
     headers: list[tuple[bytes, bytes]] = []
     known = _known_raw_names
-    framing = False
+    framing = 0  # 1: one plain Content-Length; more: normalise as h11 does
     for raw in lines:
         line = raw.removesuffix(b"\r")
+        if b"\r" in line:
+            raise h11.RemoteProtocolError("Bare CR in a header line")
         name, colon, value = line.partition(b":")
         lname = known.get(name) if colon else None
         if lname is None:
@@ -202,12 +217,13 @@ def _parse_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
             lname = name.lower()
             if len(known) < _KNOWN_NAMES_MAX:
                 known[name] = lname
-        if _BAD_VALUE.search(value):
-            raise h11.RemoteProtocolError(f"Illegal value in header {name[:100]!r}")
-        headers.append((lname, value.strip(b" \t")))
+        value = value.strip(b" \t")
+        headers.append((lname, value))
         if lname in _FRAMING_NAMES:
-            framing = True
-    return _normalise_framing(headers) if framing else headers
+            # the common case, one plain Content-Length, needs no second look
+            simple = framing == 0 and lname == b"content-length" and value.isdigit()
+            framing += 1 if simple and len(value) <= _MAX_LENGTH_DIGITS else 2
+    return _normalise_framing(headers) if framing > 1 else headers
 
 
 _FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
@@ -245,9 +261,9 @@ def _normalise_framing(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, 
 
 
 def _head_lines(buf: bytearray, end: int) -> list[bytes]:
-    block = bytes(buf[:end])
-    if b"\0" in block:
-        raise h11.RemoteProtocolError("NUL byte in a message head")
+    block = bytes(memoryview(buf)[:end])
+    if _BAD_HEAD.search(block):
+        raise h11.RemoteProtocolError("Control character in a message head")
     return block.split(b"\n")
 
 
@@ -261,10 +277,10 @@ def parse_response_head(
     looking for the blank line ending the head (the length ``buf`` had at the previous
     call minus 3), so a head trickling in byte by byte is not rescanned each time.
     """
-    match = _find_head(buf, start, max_bytes, "Response head")
-    if match is None:
+    found = _find_head(buf, start, max_bytes, "Response head")
+    if found is None:
         return None
-    lines = _head_lines(buf, match.start())
+    lines = _head_lines(buf, found[0])
     status_line = lines[0].removesuffix(b"\r")
     status = _STATUS_LINE.fullmatch(status_line)
     if status is None:
@@ -275,7 +291,7 @@ def parse_response_head(
         http_version=status.group(1),
         headers=_parse_fields(lines[1:]),
     )
-    return head, match.end()
+    return head, found[1]
 
 
 def parse_request_head(
@@ -289,10 +305,10 @@ def parse_request_head(
         # Not even the start of a request line (a TLS handshake, a stray CRLF): no need
         # to wait for more.
         raise h11.RemoteProtocolError("Illegal request line")
-    match = _find_head(buf, start, max_bytes, "Request head")
-    if match is None:
+    found = _find_head(buf, start, max_bytes, "Request head")
+    if found is None:
         return None
-    lines = _head_lines(buf, match.start())
+    lines = _head_lines(buf, found[0])
     request_line = lines[0].removesuffix(b"\r")
     parts = _REQUEST_LINE.fullmatch(request_line)
     if parts is None:
@@ -307,7 +323,7 @@ def parse_request_head(
     head = RequestHead(
         method=parts.group(1), target=parts.group(2), http_version=version, headers=headers
     )
-    return head, match.end()
+    return head, found[1]
 
 
 def request_framing(head: RequestHead) -> Framing:
@@ -423,8 +439,8 @@ class ChunkedReader:
                 if not line:
                     self._state = self._DONE
                     return b""
-                if line.endswith(b"\r"):
-                    raise h11.RemoteProtocolError("Bare CR in a trailer line")
+                if line.endswith(b"\r") or _BAD_HEAD.search(line):
+                    raise h11.RemoteProtocolError("Malformed trailer line")
                 _parse_fields([line])  # validated, then dropped
             else:
                 return b""

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +54,7 @@ from dask_gateway_common.http import (
     ClientResponse,
     HTTPConnection,
     HTTPLimits,
+    Passthrough,
     Request,
     Response,
     Upgrade,
@@ -65,7 +66,7 @@ from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.streams import PrefixedStream
 
 from .access import DashboardAccess
-from .pool import Origin, UpstreamPool
+from .pool import UpstreamPool
 from .routing import (
     ProxyRoute,
     Router,
@@ -307,43 +308,36 @@ class WebProxy:
             if self._bytes_down is not None:
                 self._bytes_down.inc(len(body))
             return Response(upstream.status, headers, body)
-        return Response(
-            upstream.status,
-            headers,
-            self._stream_body(origin, connection, upstream, route),
-        )
+        return Response(upstream.status, headers, self._passthrough(route, connection, upstream))
 
-    async def _stream_body(
-        self,
-        origin: Origin,
-        connection: HTTPConnection,
-        upstream: ClientResponse,
-        route: ProxyRoute,
-    ) -> AsyncIterator[bytes]:
-        complete = False
+    def _passthrough(
+        self, route: ProxyRoute, connection: HTTPConnection, upstream: ClientResponse
+    ) -> Passthrough:
+        """The upstream body, streamed (spliced socket to socket when both are plain TCP
+        and it has a Content-Length); memory stays constant whatever its size."""
+        origin = route.target.origin
         counter = self._bytes_down
-        try:
-            try:
-                async with aclosing(upstream.iter_body(self.timeouts.body_idle)) as chunks:
-                    async for chunk in chunks:
-                        if counter is not None:
-                            counter.inc(len(chunk))
-                        yield chunk
-                complete = True
-            except (*_UPSTREAM_ERRORS, trio.TooSlowError) as exc:
+
+        async def on_end(complete: bool) -> None:
+            if complete:
+                await self.pool.release(origin, connection)
+                return
+            await connection.aclose()
+            if body.upstream_error is not None:
                 log.info(
                     "Upstream %s for %s broke off the response: %s",
                     route.target.authority,
                     route.path,
-                    exc,
+                    body.upstream_error,
                 )
-                raise trio.BrokenResourceError("upstream broke off the response") from None
-        finally:
-            if complete:
-                await self.pool.release(origin, connection)
-            else:
-                with trio.CancelScope(shield=True):
-                    await connection.aclose()
+
+        body = Passthrough(
+            upstream,
+            idle_timeout=self.timeouts.body_idle,
+            on_bytes=None if counter is None else counter.inc,
+            on_end=on_end,
+        )
+        return body
 
 
 def _upgrade_relay(
