@@ -21,7 +21,10 @@ from dask_gateway_common.settings import (
     parse_seconds,
 )
 
+from .access import DEFAULT_MAX_ENTRIES, DEFAULT_TTL, split_routes_url
+
 __all__ = [
+    "DASHBOARD_ACCESS_MODES",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_RESPONSE_TIMEOUT",
     "PROG",
@@ -34,6 +37,8 @@ __all__ = [
 PROG = "dask-gateway-web-proxy"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_RESPONSE_TIMEOUT = 60.0
+#: ``check``: ask the API before forwarding into a dashboard; ``open``: never (upstream).
+DASHBOARD_ACCESS_MODES = ("check", "open")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class WebProxySettings:
     tls_key: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     response_timeout: float = DEFAULT_RESPONSE_TIMEOUT
+    dashboard_access: str = "check"
+    dashboard_access_ttl: float = DEFAULT_TTL
+    dashboard_access_cache_size: int = DEFAULT_MAX_ENTRIES
 
     @property
     def tls(self) -> bool:
@@ -92,7 +100,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline for an upstream's response head once the request is sent "
         "(504 past it); default %(default)s",
     )
+    parser.add_argument(
+        "--dashboard-access",
+        default="check",
+        metavar="check|open",
+        help="check: let a request into /clusters/<name>/ only with the API's consent "
+        "(owner-only dashboards, the API's dashboards.auth); open: no check, as upstream "
+        "(for an API without the access endpoint); default %(default)s",
+    )
+    parser.add_argument(
+        "--dashboard-access-ttl",
+        default=str(DEFAULT_TTL),
+        metavar="SECONDS",
+        help="how long the API's consent is reused for the same cluster and credentials "
+        "(refusals are never reused); 0 asks every time; default %(default)s",
+    )
+    parser.add_argument(
+        "--dashboard-access-cache-size",
+        default=str(DEFAULT_MAX_ENTRIES),
+        metavar="N",
+        help="most consents remembered (least recently used dropped); default %(default)s",
+    )
     return parser
+
+
+def _ttl(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(
+            f"--dashboard-access-ttl: expected a number of seconds, got {value!r}"
+        ) from None
+    if not 0 <= seconds <= 3600:
+        raise ValueError(f"--dashboard-access-ttl: must be >= 0 and <= 3600, got {value!r}")
+    return seconds
+
+
+def _cache_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(
+            f"--dashboard-access-cache-size: expected an integer, got {value!r}"
+        ) from None
+    if size < 1:
+        raise ValueError(f"--dashboard-access-cache-size: must be >= 1, got {value!r}")
+    return size
 
 
 def _readable_file(path: str, *, what: str) -> str:
@@ -117,12 +170,25 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> WebProxySettin
     elif args.tls_cert is not None:
         cert = problems.capture(_readable_file, args.tls_cert, what="--tls-cert")
         key = problems.capture(_readable_file, args.tls_key, what="--tls-key")
+    mode = args.dashboard_access
+    if mode not in DASHBOARD_ACCESS_MODES:
+        problems.add(
+            f"--dashboard-access: must be one of {', '.join(DASHBOARD_ACCESS_MODES)}, got {mode!r}"
+        )
+    ttl = problems.capture(_ttl, args.dashboard_access_ttl)
+    size = problems.capture(_cache_size, args.dashboard_access_cache_size)
+    if mode == "check" and common is not None:
+        problems.capture(split_routes_url, common.api_url)
     problems.raise_if_any()
     assert common is not None and connect is not None and response is not None
+    assert ttl is not None and size is not None
     return WebProxySettings(
         **vars(common),
         tls_cert=cert,
         tls_key=key,
         connect_timeout=connect,
         response_timeout=response,
+        dashboard_access=mode,
+        dashboard_access_ttl=ttl,
+        dashboard_access_cache_size=size,
     )

@@ -24,6 +24,7 @@ from dask_gateway_common.metrics import ProxyMetrics, new_registry
 from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.tls import server_ssl_context
 
+from .access import DashboardAccess
 from .config import PROG, SettingsError, WebProxySettings, load_settings
 from .pool import UpstreamPool
 from .proxy import ProxyTimeouts, serve_web_proxy
@@ -54,6 +55,14 @@ async def run(
     metrics = ProxyMetrics(registry)
     pool = UpstreamPool(connect_timeout=settings.connect_timeout)
     timeouts = ProxyTimeouts(connect=settings.connect_timeout, response=settings.response_timeout)
+    access = None
+    if settings.dashboard_access == "check":
+        access = DashboardAccess.from_routes_url(
+            settings.api_url,
+            settings.token,
+            ttl=settings.dashboard_access_ttl,
+            max_entries=settings.dashboard_access_cache_size,
+        )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(feed.run)
@@ -76,15 +85,22 @@ async def run(
                     timeouts=timeouts,
                     pool=pool,
                     metrics=metrics,
+                    access=access,
                 )
             )
             scheme = "https" if ssl_context is not None else "http"
             log.info("Web proxy listening on %s", _url(scheme, bound))
             log.info("Admin endpoint on %s", _url("http", admin))
             log.info("Route feed: %s", settings.api_url)
+            if access is None:
+                log.warning("Dashboards are open to anyone (--dashboard-access open)")
+            else:
+                log.info("Dashboard access checked at %s<name>/access", access.access_base)
             task_status.started((bound, admin))
     finally:
         await pool.aclose()
+        if access is not None:
+            await access.aclose()
 
 
 async def _run_until_signal(settings: WebProxySettings, ssl_context: ssl.SSLContext | None) -> None:
