@@ -34,7 +34,7 @@ from collections.abc import Callable
 import trio
 
 from dask_gateway_common.metrics import ProxyMetrics
-from dask_gateway_common.relay import relay_sockets
+from dask_gateway_common.relay import ENGINE_AVAILABLE, relay_sockets
 from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.sni import (
     DEFAULT_MAX_HELLO_BYTES,
@@ -50,7 +50,8 @@ from dask_gateway_common.sni import (
 
 from .config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_HELLO_TIMEOUT, ProxySettings
 from .dispatch import Forward, Reject, decide
-from .sockets import bound_port, open_listeners, open_tcp_socket
+from .fastpath import serve_in_engine
+from .sockets import bound_port, open_listen_sockets, open_listeners, open_tcp_socket
 
 __all__ = ["SchedulerProxy", "serve_scheduler_proxy"]
 
@@ -196,6 +197,17 @@ async def _send_alert_and_close(sock: trio.socket.SocketType, description: int) 
         sock.close()
 
 
+class _StartedWith:
+    """A task status that reports a fixed value, whatever ``started()`` is given."""
+
+    def __init__(self, task_status: trio.TaskStatus[int], value: int) -> None:
+        self._task_status = task_status
+        self._value = value
+
+    def started(self, value: object = None) -> None:
+        self._task_status.started(self._value)
+
+
 async def serve_scheduler_proxy(
     settings: ProxySettings,
     table: RouteTable,
@@ -203,17 +215,37 @@ async def serve_scheduler_proxy(
     *,
     reuse_port: bool | None = None,
     handler_nursery: trio.Nursery | None = None,
+    engine: bool | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``settings.address`` and proxy every connection; reports the bound port.
 
     ``reuse_port`` defaults to ``settings.workers > 1``. Connections run in
     ``handler_nursery`` when given (so a caller can stop accepting but let connections
-    drain), else in a nursery of this call.
+    drain), else in a nursery of this call. ``engine``: None = the relay engine's fast path
+    (``fastpath.py``) where available (Linux), False = a trio task per connection.
     """
     if reuse_port is None:
         reuse_port = settings.workers > 1
+    if engine is None:
+        engine = ENGINE_AVAILABLE
     host, port = settings.address
+    if engine:
+        sockets = await open_listen_sockets(host, port, reuse_port=reuse_port)
+        port = bound_port(sockets)
+        log.info("Scheduler proxy listening on %s:%d", host, port)
+        await serve_in_engine(
+            sockets,
+            table,
+            metrics,
+            hello_timeout=settings.hello_timeout,
+            connect_timeout=settings.connect_timeout,
+            http_forward=settings.http_forward,
+            max_hello_bytes=DEFAULT_MAX_HELLO_BYTES,
+            handler_nursery=handler_nursery,
+            task_status=_StartedWith(task_status, port),
+        )
+        return
     listeners = await open_listeners(host, port, reuse_port=reuse_port)
     proxy = SchedulerProxy(
         table,

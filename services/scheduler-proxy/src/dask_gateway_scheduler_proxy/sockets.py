@@ -16,7 +16,14 @@ from typing import Any
 
 import trio
 
-__all__ = ["bound_port", "open_listeners", "open_tcp_socket"]
+__all__ = [
+    "AddrInfo",
+    "bound_port",
+    "numeric_addresses",
+    "open_listen_sockets",
+    "open_listeners",
+    "open_tcp_socket",
+]
 
 _BACKLOG = 65535  # capped by the kernel (net.core.somaxconn)
 _NUMERIC_CACHE_MAX = 4096
@@ -25,7 +32,7 @@ AddrInfo = tuple[int, int, int, Any]  # family, type, proto, sockaddr
 _numeric_cache: dict[tuple[str, int], list[AddrInfo]] = {}
 
 
-def _numeric_addresses(host: str, port: int) -> list[AddrInfo] | None:
+def numeric_addresses(host: str, port: int) -> list[AddrInfo] | None:
     """Resolve an IP literal without blocking (cached); None for a host name."""
     key = (host, port)
     infos = _numeric_cache.get(key)
@@ -45,7 +52,7 @@ def _numeric_addresses(host: str, port: int) -> list[AddrInfo] | None:
 
 
 async def _resolve(host: str, port: int) -> list[AddrInfo]:
-    infos = _numeric_addresses(host, port)
+    infos = numeric_addresses(host, port)
     if infos is not None:
         return infos
     raw = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -85,10 +92,10 @@ async def open_tcp_socket(host: str, port: int) -> trio.socket.SocketType:
     raise error or OSError(errno.EHOSTUNREACH, f"no address for {host!r}")
 
 
-async def open_listeners(
+async def open_listen_sockets(
     host: str, port: int, *, reuse_port: bool = False
-) -> list[trio.SocketListener]:
-    """Bound, listening TCP listeners on ``host:port`` (one per resolved address).
+) -> list[socket.socket]:
+    """Bound, listening, non-blocking TCP sockets on ``host:port`` (one per resolved address).
 
     ``reuse_port`` sets ``SO_REUSEPORT`` so several processes can share the port and the
     kernel spreads new connections across them.
@@ -96,35 +103,42 @@ async def open_listeners(
     infos = await trio.socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
-    listeners: list[trio.SocketListener] = []
+    sockets: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
     try:
         for family, type_, proto, _, sockaddr in infos:
             if (family, sockaddr) in seen:
                 continue
             seen.add((family, sockaddr))
-            sock = trio.socket.socket(family, type_, proto)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                await sock.bind(sockaddr)
-                sock.listen(_BACKLOG)
-            except BaseException:
-                sock.close()
-                raise
-            listeners.append(trio.SocketListener(sock))
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setblocking(False)
+            sock.bind(sockaddr)
+            sock.listen(_BACKLOG)
     except BaseException:
-        for listener in listeners:
-            listener.socket.close()
+        for sock in sockets:
+            sock.close()
         raise
-    if not listeners:
+    if not sockets:
         raise OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {host!r}")
-    return listeners
+    return sockets
 
 
-def bound_port(listeners: list[trio.SocketListener]) -> int:
+async def open_listeners(
+    host: str, port: int, *, reuse_port: bool = False
+) -> list[trio.SocketListener]:
+    """``open_listen_sockets`` wrapped as trio listeners."""
+    sockets = await open_listen_sockets(host, port, reuse_port=reuse_port)
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+
+
+def bound_port(listeners: list[trio.SocketListener] | list[socket.socket]) -> int:
     """The port the first listener is bound to (resolves a requested port 0)."""
-    return int(listeners[0].socket.getsockname()[1])
+    first = listeners[0]
+    sock = first.socket if isinstance(first, trio.SocketListener) else first
+    return int(sock.getsockname()[1])
