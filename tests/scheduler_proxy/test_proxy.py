@@ -1,4 +1,8 @@
-"""The proxy in-process, routes from a real feed over HTTP, real sockets on 127.0.0.1."""
+"""The proxy in-process, routes from a real feed over HTTP, real sockets on 127.0.0.1.
+
+Every test runs against both connection paths: the relay engine's fast path (the Linux
+default, ``fastpath.py``) and a trio task per connection (``proxy.py``).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import trio
 from dask_gateway_common.feed import RouteFeed, make_feed_handler
 from dask_gateway_common.http import Request, Response, serve_http
 from dask_gateway_common.metrics import ProxyMetrics, new_registry
+from dask_gateway_common.relay import ENGINE_AVAILABLE
 from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.sni import INTERNAL_ERROR, UNRECOGNIZED_NAME, tls_alert
+from dask_gateway_scheduler_proxy import proxy as proxy_module
 from dask_gateway_scheduler_proxy.config import ProxySettings
 from dask_gateway_scheduler_proxy.proxy import serve_scheduler_proxy
 
@@ -31,6 +37,15 @@ from .conftest import (
     start_proxy,
     wait_for_route,
 )
+
+
+@pytest.fixture(autouse=True, params=["engine", "trio"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with the given connection path as the default."""
+    if request.param == "engine":
+        assert ENGINE_AVAILABLE, "the relay engine is required on this platform"
+    monkeypatch.setattr(proxy_module, "ENGINE_AVAILABLE", request.param == "engine")
+    return str(request.param)
 
 
 async def feed_with(nursery: trio.Nursery, *routes) -> tuple[RouteFeed, int]:  # type: ignore[no-untyped-def]
@@ -358,4 +373,104 @@ async def test_unexpected_error_is_contained_and_counted(
             assert "lookup exploded" in caplog.text
             await established.aclose()
             await fresh.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_http_forward_by_host_name_is_resolved() -> None:
+    """A forward target given as a host name (not an IP literal) is resolved per connect."""
+
+    async def web(request: Request) -> Response:
+        return Response.text(200, "resolved")
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            _, web_port = await nursery.start(serve_http, web, "127.0.0.1", 0)
+            _, feed_port = await feed_with(nursery)
+            proxy = await start_proxy(nursery, feed_port, http_forward=("localhost", web_port))
+            for _ in range(2):
+                reply = await exchange_raw(
+                    proxy.port, b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+                )
+                assert reply.startswith(b"HTTP/1.1 200 ")
+                assert reply.endswith(b"resolved")
+            nursery.cancel_scope.cancel()
+
+
+async def test_unresolvable_forward_is_a_connect_failure() -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            _, feed_port = await feed_with(nursery)
+            proxy = await start_proxy(nursery, feed_port, http_forward=("no-such-host.invalid", 80))
+            assert await exchange_raw(proxy.port, b"GET / HTTP/1.1\r\n\r\n") == b""
+            # TLS for a foreign name goes the same way, and gets the internal_error alert
+            reply = await exchange_raw(proxy.port, client_hello("example.com"))
+            assert reply == tls_alert(INTERNAL_ERROR)
+            assert proxy.hello_errors("connect_failed") == 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_connect_timeout_sends_internal_error() -> None:
+    """A backend that never answers the SYN (full backlog) hits --connect-timeout."""
+    # A listener with a zero backlog that is never accepted from: once one connection
+    # fills it, further SYNs are dropped and connects hang.
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    port = stuck.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                _, feed_port = await feed_with(
+                    nursery, sni_route("slow", f"tls://127.0.0.1:{port}")
+                )
+                proxy = await start_proxy(nursery, feed_port, connect_timeout=0.3)
+                started = trio.current_time()
+                reply = await exchange_raw(proxy.port, client_hello("daskgateway-slow"))
+                assert reply == tls_alert(INTERNAL_ERROR)
+                assert 0.25 <= trio.current_time() - started < 3
+                assert proxy.hello_errors("connect_failed") == 1
+                nursery.cancel_scope.cancel()
+    finally:
+        for filler in fillers:
+            filler.close()
+        stuck.close()
+
+
+async def test_graceful_stop_then_grace_deadline(credentials: Credentials) -> None:
+    """Cancelling the listener stops accepting; open connections keep working in the
+    handler nursery until that nursery is cancelled, which closes them."""
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            backend = await start_echo_backend(nursery, "mu", credentials.server_context())
+            table = RouteTable([sni_route("mu", backend.target)])
+            metrics = ProxyMetrics(new_registry())
+            settings = ProxySettings(address=("127.0.0.1", 0), api_url="http://x/", token=TOKEN)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accept:
+                    port = await accept.start(
+                        functools.partial(
+                            serve_scheduler_proxy,
+                            settings,
+                            table,
+                            metrics,
+                            handler_nursery=connections,
+                        )
+                    )
+                    stream = await open_tls_client(port, "mu", credentials)
+                    assert await round_trip(stream, b"1") == b"mu:1"
+                    accept.cancel_scope.cancel()
+                with pytest.raises(OSError):
+                    await trio.open_tcp_stream("127.0.0.1", port)
+                assert await round_trip(stream, b"2") == b"mu:2"
+                connections.cancel_scope.cancel()
+            assert await stream.transport_stream.receive_some(10) == b""
+            gauge = metrics.registry.get_sample_value("dask_gateway_proxy_connections_active")
+            assert gauge == 0
+            await stream.aclose()
             nursery.cancel_scope.cancel()

@@ -67,6 +67,7 @@ __all__ = [
     "MODE_NEVER",
     "SPLICE_AVAILABLE",
     "Engine",
+    "EngineCrashed",
     "Handler",
     "OnBytes",
     "Relay",
@@ -125,6 +126,10 @@ def open_pipe() -> tuple[int, int]:
     except OSError:  # capped by /proc/sys/fs/pipe-max-size or the user's pipe budget
         pass
     return pipe_r, pipe_w
+
+
+class EngineCrashed(RuntimeError):
+    """The engine loop died (a bug); what it was serving is aborted with this error."""
 
 
 class Handler:
@@ -476,7 +481,7 @@ class Engine:
             self._loop()
         except BaseException as exc:  # a bug: fail everything rather than hang it
             log.exception("relay engine crashed")
-            error = RuntimeError("the relay engine crashed")
+            error = EngineCrashed("the relay engine crashed")
             error.__cause__ = exc
             with self._lock:  # call_soon sees either a live engine or a fully failed one
                 self.dead = True

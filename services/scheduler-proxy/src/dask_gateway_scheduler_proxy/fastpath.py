@@ -47,7 +47,15 @@ from typing import Final
 
 import trio
 
-from dask_gateway_common.engine import EV_HUP, EV_WRITE, Engine, Handler, Relay, get_engine
+from dask_gateway_common.engine import (
+    EV_HUP,
+    EV_WRITE,
+    Engine,
+    EngineCrashed,
+    Handler,
+    Relay,
+    get_engine,
+)
 from dask_gateway_common.metrics import ProxyMetrics
 from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.sni import (
@@ -147,6 +155,13 @@ class EngineServer:
         if inc is None:
             inc = self._errors[reason] = self.metrics.hello_errors_total.labels(reason=reason).inc
         inc()
+
+    def internal_error(self, message: str, error: BaseException) -> None:
+        self.count("internal")
+        if isinstance(error, EngineCrashed):  # logged once, by the engine
+            log.debug("%s: %s", message, error)
+        else:
+            log.error(message, exc_info=error)
 
     def accepted(self, sock: socket.socket) -> None:
         self.opened()
@@ -326,8 +341,7 @@ class _Conn(Handler):
 
     def abort(self, error: BaseException | None) -> None:
         if error is not None:
-            self.server.count("internal")
-            log.error("Unexpected error while proxying a connection", exc_info=error)
+            self.server.internal_error("Unexpected error while proxying a connection", error)
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -501,8 +515,7 @@ class _Conn(Handler):
     def _relay_done(self, error: BaseException | None) -> None:
         self.relay = None
         if error is not None:
-            self.server.count("internal")
-            log.error("Unexpected error while relaying a connection", exc_info=error)
+            self.server.internal_error("Unexpected error while relaying a connection", error)
         self._close()
 
     # -- alerts and closing --------------------------------------------------------------
@@ -636,7 +649,6 @@ async def serve_in_engine(
         try:
             task_status.started()
             await server.crashed.wait()
-            raise RuntimeError("the relay engine crashed") from server.crash
         finally:
             await _run_quietly(engine, server.stop_accepting)
             if handler_nursery is None:
@@ -644,6 +656,7 @@ async def serve_in_engine(
             else:
                 handler_nursery.start_soon(_drain, engine, server)
             helpers.cancel_scope.cancel()
+    raise RuntimeError("the relay engine crashed") from server.crash
 
 
 async def _drain(engine: Engine, server: EngineServer) -> None:
