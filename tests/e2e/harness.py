@@ -607,12 +607,19 @@ class WebSocketProbe:
 
 
 def websocket_probe(
-    host: str, port: int, path: str, *, protocols: list[str] | None = None, timeout: float = 15.0
+    host: str,
+    port: int,
+    path: str,
+    *,
+    protocols: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 15.0,
 ) -> WebSocketProbe:
     """Open a websocket at ``path``, then send a close frame and read until EOF.
 
     Returns the handshake status line and headers plus every byte the server sent after
     the handshake (its messages and its closing frame), proving the relay works both ways.
+    ``headers`` are added to the handshake (credentials for owner-only dashboards).
     """
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
@@ -626,6 +633,7 @@ def websocket_probe(
     ]
     if protocols:
         lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
+    lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         buf = b""
