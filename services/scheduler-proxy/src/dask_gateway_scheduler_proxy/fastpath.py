@@ -133,8 +133,12 @@ class EngineServer:
 
     # -- engine thread -------------------------------------------------------------------
     def start(self) -> None:
-        for listener in self.listeners:
-            self.engine.watch(listener.fd, listener)
+        try:
+            for listener in self.listeners:
+                self.engine.watch(listener.fd, listener)
+        except BaseException:
+            self.stop_accepting()
+            raise
 
     def stop_accepting(self) -> None:
         for listener in self.listeners:
@@ -618,9 +622,10 @@ async def serve_in_engine(
     http_forward: Address | None,
     max_hello_bytes: int,
     handler_nursery: trio.Nursery | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``listeners`` (bound, listening, owned from now on) in the relay engine.
+    """Serve ``listeners`` (bound, listening, owned from now on) in the relay engine;
+    reports the port of the first one.
 
     When cancelled: stop accepting, then, with ``handler_nursery``, let the open
     connections finish in a task of that nursery (closing them when it is cancelled),
@@ -647,7 +652,7 @@ async def serve_in_engine(
                 sock.close()
             raise
         try:
-            task_status.started()
+            task_status.started(int(listeners[0].getsockname()[1]))
             await server.crashed.wait()
         finally:
             await _run_quietly(engine, server.stop_accepting)
