@@ -128,19 +128,27 @@ class HTTPLimits:
 class Headers:
     """Case-insensitive multi-map of header names to values, order kept."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_lower")
 
     def __init__(self, items: Iterable[tuple[str | bytes, str | bytes]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(_text(k), _text(v)) for k, v in items]
+        self._lower = False  # whether every name is known to be lower-case already
 
     @classmethod
     def _from_h11(cls, items: Iterable[tuple[bytes, bytes]]) -> Headers:
+        """From parsed (lower-cased) names and values."""
         headers = cls.__new__(cls)
         headers._items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in items]
+        headers._lower = True
         return headers
 
     def get(self, name: str, default: str | None = None) -> str | None:
         name = name.lower()
+        if self._lower:
+            for k, v in self._items:
+                if k == name:
+                    return v
+            return default
         for k, v in self._items:
             if k.lower() == name:
                 return v

@@ -216,7 +216,8 @@ class UpstreamPool:
         origin = target.origin
         while True:
             connection, expired = self._idle.take(origin, trio.current_time())
-            await _close_all(expired)
+            if expired:
+                await _close_all(expired)
             if connection is None:
                 break
             if connection.reusable and connection_is_open(connection):
@@ -237,7 +238,9 @@ class UpstreamPool:
         if not connection.reusable:
             await connection.aclose()
             return
-        await _close_all(self._idle.put(origin, connection, trio.current_time()))
+        evicted = self._idle.put(origin, connection, trio.current_time())
+        if evicted:
+            await _close_all(evicted)
 
     async def sweep(self) -> int:
         """Close idle connections that expired or that the upstream closed; returns how many."""

@@ -123,11 +123,14 @@ def _text(status: int, message: str) -> Response:
     return Response.text(status, message)
 
 
-def _has_body(request: Request) -> bool:
-    if request.headers.get("transfer-encoding") is not None:
-        return True
-    length = request.headers.get("content-length")
-    return length is not None and length.strip() not in ("", "0")
+def _has_body(headers: list[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "transfer-encoding":
+            return True
+        if lname == "content-length" and value.strip() not in ("", "0"):
+            return True
+    return False
 
 
 class WebProxy:
@@ -212,7 +215,7 @@ class WebProxy:
             upgrade=upgrade,
         )
         target = upstream_target(route.target, remainder, query)
-        has_body = _has_body(request)
+        has_body = _has_body(items)
         timeouts = self.timeouts
         # A request without body can be retried once on a fresh connection.
         for attempt in (1, 2):
