@@ -445,3 +445,19 @@ async def test_client_refuses_malformed_responses(nursery: trio.Nursery) -> None
                 await response.read()
             assert not conn.reusable
             await conn.aclose()
+
+
+async def test_serving_a_memory_stream(nursery: trio.Nursery) -> None:
+    """Not a socket (as behind a PrefixedStream or TLS): the generic Stream path."""
+    from dask_gateway_common.http import HTTPConnection, serve_http_stream
+
+    client_side, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(serve_http_stream, server_side, sized_app)
+    conn = HTTPConnection(client_side, "memory")
+    with trio.fail_after(30):
+        response = await conn.request("GET", "/big")
+        assert hashlib.sha256(await response.read()).hexdigest() == hashlib.sha256(BIG).hexdigest()
+        response = await conn.request("POST", "/up", [], b"0123456789")
+        assert json.loads(await response.read())["size"] == 10
+        assert conn.reusable and conn.requests_sent == 2
+    await conn.aclose()

@@ -865,7 +865,7 @@ class _ServerConnection:
         """Closing with a request body still unread would make the kernel reset the
         connection, and the client (or a proxy in front of us) could lose the answer we
         just sent. So half-close, and read and discard for a bounded while first."""
-        if self._body_done or not self._responded:
+        if self._body_done or not self._response_started:
             return
         with trio.move_on_after(timeout):
             if isinstance(self.stream, trio.abc.HalfCloseableStream):
