@@ -137,6 +137,19 @@ process as DASK_GATEWAY_* environment variables from the Secret.
 {{- if $v.publicUrl -}}
 {{- $_ := set $cfg "public_url" ($v.publicUrl | trimSuffix "/") -}}
 {{- end -}}
+{{- $d := $v.dashboards | default dict -}}
+{{- $dash := dict "auth" (default "owner" $d.auth) -}}
+{{- $hubOAuth := $d.jupyterhub | default dict -}}
+{{- if $hubOAuth.authorizeUrl -}}
+{{- $_ := set $dash "oauth_authorize_url" $hubOAuth.authorizeUrl -}}
+{{- end -}}
+{{- if $hubOAuth.clientId -}}
+{{- $_ := set $dash "oauth_client_id" $hubOAuth.clientId -}}
+{{- end -}}
+{{- if $hubOAuth.redirectUri -}}
+{{- $_ := set $dash "oauth_redirect_uri" $hubOAuth.redirectUri -}}
+{{- end -}}
+{{- $_ := set $cfg "dashboards" $dash -}}
 {{- if $v.userLimits -}}
 {{- $_ := set $cfg "user_limits" (deepCopy $v.userLimits) -}}
 {{- end -}}
