@@ -29,9 +29,12 @@ Per request the handler:
    and hands over the raw client stream; we first forward whatever bytes either side had
    already buffered, then relay bytes both ways until both directions close.
 
-Measured costs, bench/proxies.py (see docs in bench/README.md): see the commit history of
-this module and http.py; the main costs per small request are the two HTTP heads (parse +
-encode, ``dask_gateway_common.http1``), two trio waits and the route/header rewriting.
+Measured with bench/proxies.py --skip-scheduler on the shared 2-core VM (same run, Go =
+upstream's dask-gateway-proxy): small GETs over 64 keep-alive connections 158 µs of proxy
+CPU per request (Go 245), 1.9x Go's req/s, p99 0.7x Go's; a 1 GiB download 0.46 CPU s/GiB
+(Go 0.89) at the same MB/s, RSS flat. Per small request the cost is now mostly the two
+waits in trio's scheduler, the two heads (parse + encode, ``dask_gateway_common.http1``)
+and the header rewriting; bodies of any size cost no Python work per byte when spliced.
 
 Errors sent to the client are short plain-text bodies; details go to the log (never with
 query strings or headers, which may carry secrets).
