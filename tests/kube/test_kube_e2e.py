@@ -251,34 +251,51 @@ def test_api_restart_rebuilds_state_from_kubernetes(
         wait_until(lambda: not pods(kube, INSTANCE, cluster=cluster.name), 30, "pods to go")
 
 
-def test_worker_pod_deleted_by_hand_is_replaced(gw: GatewayUnderTest, kube: KubeEmulator) -> None:
-    """kubectl delete pod <worker>: the scheduler loses it, the API starts another. Then
+def test_lost_worker_pods_are_replaced(gw: GatewayUnderTest, kube: KubeEmulator) -> None:
+    """A worker pod deleted by hand (kubectl delete pod), OOM-killed or evicted: the
+    scheduler loses the worker, the API starts another and deletes the dead pod. Then
     kubectl delete pod <scheduler>: the workers go with it (owner references) and the
     cluster is FAILED; its record stays."""
+    assert kube.kubelet is not None
+    kubelet = kube.kubelet
+    ways = {
+        "deleted by hand": lambda pod: kube.store.delete("pods", NAMESPACE, pod),
+        "OOM-killed": lambda pod: kubelet.oom_kill(NAMESPACE, pod),
+        "evicted": lambda pod: kubelet.evict(NAMESPACE, pod),
+    }
     with gw.client("carol") as gateway:
         cluster = gateway.new_cluster()
         try:
             cluster.scale(1)
             wait_workers(cluster, 1)
-            [victim] = pods(kube, INSTANCE, cluster=cluster.name, component="worker")
-            victim_name = victim["metadata"]["name"]
-            kube.store.delete("pods", NAMESPACE, victim_name)
-            deleted = time.monotonic()
-
-            def replaced() -> bool:
-                workers = pods(kube, INSTANCE, cluster=cluster.name, component="worker")
-                joined = cluster.scheduler_info["workers"]
-                return (
-                    len(joined) == 1
-                    and [p["metadata"]["name"] for p in workers] != [victim_name]
-                    and len(workers) == 1
+            for how, lose in ways.items():
+                wait_until(
+                    lambda: (
+                        [
+                            phase(p)
+                            for p in pods(kube, INSTANCE, cluster=cluster.name, component="worker")
+                        ]
+                        == ["Running"]
+                    ),
+                    30,
+                    "one running worker pod",
                 )
+                [victim] = pods(kube, INSTANCE, cluster=cluster.name, component="worker")
+                victim_name = victim["metadata"]["name"]
+                lose(victim_name)
+                lost = time.monotonic()
 
-            wait_until(replaced, 60, "a replacement worker pod to join", interval=0.2)
-            print(
-                f"\n[measure] worker pod deleted -> replacement joined: {time.monotonic() - deleted:.2f} s"
-            )
-            assert gateway.get_cluster(cluster.name).status is ClusterStatus.RUNNING
+                def replaced(victim_name: str = victim_name) -> bool:
+                    workers = pods(kube, INSTANCE, cluster=cluster.name, component="worker")
+                    joined = cluster.scheduler_info["workers"]
+                    names_ = [p["metadata"]["name"] for p in workers]
+                    return len(joined) == 1 and len(names_) == 1 and names_ != [victim_name]
+
+                wait_until(replaced, 60, f"a replacement for the worker pod {how}", interval=0.2)
+                print(
+                    f"\n[measure] worker pod {how} -> replacement joined: {time.monotonic() - lost:.2f} s"
+                )
+                assert gateway.get_cluster(cluster.name).status is ClusterStatus.RUNNING
 
             kube.store.delete("pods", NAMESPACE, f"dask-scheduler-{cluster.name}")
             wait_until(
