@@ -60,13 +60,13 @@ async def sized_backend(request: Request) -> Response:
 async def test_sized_download_and_upload_keep_both_connections_alive(monkeypatch) -> None:  # noqa: ANN001
     clients: set[int] = set()
     spliced: list[int] = []
-    real_splice = http._splice_exactly
+    real_splice = http.splice_exactly
 
     async def counting_splice(src: int, dst: int, count: int, **kwargs: object) -> None:
         spliced.append(count)
         await real_splice(src, dst, count, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(http, "_splice_exactly", counting_splice)
+    monkeypatch.setattr(http, "splice_exactly", counting_splice)
 
     async def backend(request: Request) -> Response:
         assert request.client is not None
