@@ -23,6 +23,7 @@ from dask_gateway_web_proxy.access import (
     AccessCache,
     DashboardAccess,
     cache_key,
+    carries_credentials,
     check_headers,
     dashboard_cluster,
     gateway_cookies,
@@ -99,6 +100,10 @@ def test_gateway_cookies_and_stripping() -> None:
         ("Cookie", "dask-gateway-2=x"),
         ("X-Other", "1"),
     ]
+    assert carries_credentials(headers)
+    assert not carries_credentials([("Cookie", "theme=dark"), ("X-Auth", "1")])
+    assert carries_credentials([("AUTHORIZATION", "x")])
+    assert strip_credentials([("Cookie", "a=dask-gateway-1")]) == [("Cookie", "a=dask-gateway-1")]
     assert strip_credentials(headers) == [
         ("Host", "gw"),
         ("Cookie", "theme=dark"),

@@ -57,6 +57,7 @@ __all__ = [
     "AccessCache",
     "DashboardAccess",
     "cache_key",
+    "carries_credentials",
     "check_headers",
     "dashboard_cluster",
     "gateway_cookies",
@@ -132,8 +133,20 @@ def _cookie_pairs(values: Sequence[str]) -> list[tuple[str, str]]:
 def gateway_cookies(values: Sequence[str]) -> str | None:
     """The ``dask-gateway-*`` cookies of these ``Cookie`` header values, as one header
     value (``None`` when there are none)."""
+    values = [v for v in values if GATEWAY_COOKIE_PREFIX in v]
+    if not values:
+        return None
     kept = [f"{n}={v}" for n, v in _cookie_pairs(values) if n.startswith(GATEWAY_COOKIE_PREFIX)]
     return "; ".join(kept) or None
+
+
+def carries_credentials(headers: Sequence[tuple[str, str]]) -> bool:
+    """Whether :func:`strip_credentials` would remove anything."""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "authorization" or (lname == "cookie" and GATEWAY_COOKIE_PREFIX in value):
+            return True
+    return False
 
 
 def strip_credentials(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -143,7 +156,7 @@ def strip_credentials(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str
         lname = name.lower()
         if lname == "authorization":
             continue
-        if lname == "cookie":
+        if lname == "cookie" and GATEWAY_COOKIE_PREFIX in value:
             kept = [
                 f"{n}={v}"
                 for n, v in _cookie_pairs([value])
@@ -393,7 +406,8 @@ class DashboardAccess:
                 if count is not None:
                     count(denial.status)
                 return denial
-            request.headers = Headers(strip_credentials(items))
+            if carries_credentials(items):
+                request.headers = Headers(strip_credentials(items))
             response = await handler(request)
             if answer.relay:
                 response.headers.extend(answer.relay)
