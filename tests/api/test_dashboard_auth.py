@@ -17,7 +17,13 @@ from functools import partial
 import pytest
 import trio
 
-from dask_gateway_api.auth import CookieCache, SimpleAuthenticator, User, UserAuth
+from dask_gateway_api.auth import (
+    Authenticator,
+    CookieCache,
+    SimpleAuthenticator,
+    User,
+    UserAuth,
+)
 from dask_gateway_api.config import SettingsError, settings_from_mapping
 from dask_gateway_api.dashboard_auth import (
     FORWARDED_AUTHORIZATION,
@@ -343,9 +349,26 @@ class Served:
         return await self.get(f"{prefix}/api/v1/clusters/{name}/access", headers)
 
 
+class FakeNegotiate(Authenticator):
+    """Kerberos-shaped: scheme Negotiate, a mutual-auth token on the successful answer."""
+
+    scheme = "Negotiate"
+
+    async def authenticate(self, request: Request) -> User | None:
+        value = request.headers.get("Authorization") or ""
+        return User(value.removeprefix("Negotiate ")) if value.startswith("Negotiate ") else None
+
+    def pre_response(self, request: Request, user: User, response: Response) -> None:
+        response.headers.append(("WWW-Authenticate", f"Negotiate mutual-for-{user.name}"))
+
+
 @asynccontextmanager
 async def serve_dashboards(
-    *, mode: str = "owner", oauth: OAuthClientConfig | None = None, prefix: str = ""
+    *,
+    mode: str = "owner",
+    oauth: OAuthClientConfig | None = None,
+    prefix: str = "",
+    authenticator: Authenticator | None = None,
 ) -> AsyncIterator[Served]:
     manager = FakeManager(
         {
@@ -354,7 +377,7 @@ async def serve_dashboards(
             "old": cluster("old", "alice", ClusterStatus.STOPPED),
         }
     )
-    auth = UserAuth(SimpleAuthenticator(), CookieCache())
+    auth = UserAuth(authenticator or SimpleAuthenticator(), CookieCache())
     dashboards = DashboardAuth(
         manager=manager, auth=auth, proxy_token=TOKEN, prefix=prefix, mode=mode, oauth=oauth
     )
@@ -443,6 +466,26 @@ def _request(path: str) -> Request:
         receive_body=no_body,
         max_body_bytes=0,
     )
+
+
+async def test_access_with_negotiate() -> None:
+    """Kerberos: the bare ``Negotiate`` challenge, and the owner's 204 carries the
+    mutual-authentication token (the proxy relays it to the browser)."""
+    with trio.fail_after(DEADLINE):
+        async with serve_dashboards(authenticator=FakeNegotiate()) as api:
+            status, headers, _ = await api.access("abc", next_url="/clusters/abc/status")
+            assert (status, headers.get("WWW-Authenticate")) == (401, "Negotiate")
+            forwarded = [
+                ("Authorization", f"token {TOKEN}"),
+                (FORWARDED_AUTHORIZATION, "Negotiate alice"),
+            ]
+            status, headers, _ = await api.get("/api/v1/clusters/abc/access", forwarded)
+            assert status == 204
+            assert headers.get("WWW-Authenticate") == "Negotiate mutual-for-alice"
+            assert headers.get("Set-Cookie")
+            forwarded[1] = (FORWARDED_AUTHORIZATION, "Negotiate bob")
+            status, headers, _ = await api.get("/api/v1/clusters/abc/access", forwarded)
+            assert status == 403 and headers.get("WWW-Authenticate") is None
 
 
 async def test_access_when_dashboards_are_open() -> None:
