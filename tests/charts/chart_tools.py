@@ -83,7 +83,7 @@ FULL: dict[str, Any] = {
             "environment": {"OMP_NUM_THREADS": "1"},
             "scheduler": {"cores": 2, "memory": "4 G"},
             "worker": {"cores": 4, "memory": "8 G", "threads": 2},
-            "kubernetes": {"extra_key_for_the_backend": True},
+            "kubernetes": {"api_concurrency": 8},
         },
         "cluster": {"idle_timeout": 3600, "cluster_max_workers": 8},
         "userLimits": {"max_clusters": 4, "max_cores": 16},

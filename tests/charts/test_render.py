@@ -272,7 +272,8 @@ def test_backend_block() -> None:
     assert kube["service_account"] == "dask-pods"
     assert kube["node_selector"] == {"pool": "dask"}
     assert kube["tolerations"][0]["key"] == "dask"
-    assert kube["extra_key_for_the_backend"] is True  # passed through verbatim
+    assert kube["api_concurrency"] == 8  # backend.kubernetes passed through verbatim
+    assert kube["instance"] == "gw"  # one gateway's objects never mix with another's
     cluster = full["cluster"]
     assert cluster["scheduler_cores"] == 2
     assert cluster["scheduler_memory"] == "4 G"

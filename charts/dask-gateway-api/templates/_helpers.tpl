@@ -97,6 +97,7 @@ process as DASK_GATEWAY_* environment variables from the Secret.
 {{- end -}}
 {{- $b := $v.backend -}}
 {{- $kube := dict
+  "instance" .Release.Name
   "namespace" (include "dgapi.backendNamespace" .)
   "image" (printf "%s:%s" $b.image.name (default .Chart.AppVersion $b.image.tag))
   "image_pull_policy" $b.image.pullPolicy
