@@ -79,7 +79,7 @@ from .models import Cluster, ClusterStatus, Worker, WorkerStatus
 from .options import OptionsConfig
 from .resources import ClusterConfig, resolve_cluster_config
 from .store import (
-    Store,
+    ClusterStore,
     cluster_from_row,
     cluster_to_row,
     worker_from_row,
@@ -149,7 +149,7 @@ class ClusterManager:
     def __init__(
         self,
         config: ManagerConfig,
-        store: Store,
+        store: ClusterStore,
         backend: Backend,
         feed: RouteFeed,
         http: HTTPClient,

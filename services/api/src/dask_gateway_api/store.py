@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -42,6 +42,7 @@ from .resources import ClusterConfig
 __all__ = [
     "SCHEMA_VERSION",
     "FINISHED_STATUSES",
+    "ClusterStore",
     "Store",
     "StoreError",
     "StoredCluster",
@@ -87,6 +88,29 @@ CREATE TABLE workers (
 
 #: Migrations from version N to N+1 (none yet; version 1 is the first schema).
 _MIGRATIONS: dict[int, str] = {0: _SCHEMA_V1}
+
+
+class ClusterStore(Protocol):
+    """What the manager needs from persistence: SQLite (:class:`Store`, local backend) or
+    Kubernetes objects (``kube_store.KubeStore``) implement it."""
+
+    def put_cluster(self, cluster: StoredCluster) -> None: ...
+
+    def update_cluster_state(
+        self, name: str, status: str, stop_time: int | None, data: dict[str, Any]
+    ) -> None: ...
+
+    def load_clusters(self, statuses: Iterable[str] | None = None) -> list[StoredCluster]: ...
+
+    def delete_stopped_older_than(self, age: float, now_ms: int | None = None) -> list[str]: ...
+
+    def put_workers(self, workers: Iterable[StoredWorker]) -> None: ...
+
+    def delete_worker(self, cluster: str, name: str) -> None: ...
+
+    def load_workers(self, cluster: str) -> list[StoredWorker]: ...
+
+    def close(self) -> None: ...
 
 
 class StoreError(Exception):
