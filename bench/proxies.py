@@ -208,6 +208,7 @@ class Bench:
                 f"--api-url={self.api_url}",
                 f"--admin-address={HOST}:{admin}",
                 "--log-level=WARNING",
+                "--dashboard-access=open",  # raw proxying, like the Go proxy: no API behind
             ]
             p = self._start("ours web proxy", argv, lambda: self._probe_http(port))
             self.web_targets.append(

@@ -34,6 +34,7 @@ from tests.e2e.harness import (
     CountingBasicAuth,
     GatewayUnderTest,
     assert_stays,
+    basic,
     default_config,
     http_request,
     names,
@@ -563,7 +564,8 @@ def test_s25_dashboard_via_web_proxy(gw: GatewayUnderTest) -> None:
         cluster = gateway.new_cluster()
         try:
             link = cluster.dashboard_link
-            page = http_request(link)
+            owner = {"Authorization": basic("kim")}  # dashboards are owner-only by default
+            page = http_request(link, headers=owner)
             assert page.status == 200, page
             assert (page.header("Content-Type") or "").startswith("text/html"), page
             html = page.body.decode("utf-8", "replace")
@@ -572,18 +574,20 @@ def test_s25_dashboard_via_web_proxy(gw: GatewayUnderTest) -> None:
             ws_path = f"/clusters/{cluster.name}/status/ws"
             token = re.search(r'"token"\s*:\s*"([^"]+)"', html)
             assert token, "no bokeh session token in the dashboard page"
-            probe = websocket_probe(host, port, ws_path, protocols=["bokeh", token.group(1)])
+            probe = websocket_probe(
+                host, port, ws_path, protocols=["bokeh", token.group(1)], headers=owner
+            )
             assert probe.status == 101, probe
             assert probe.accept_is_valid(), probe
             assert b'"msgtype": "ACK"' in probe.received, probe  # server -> client
             assert b"\x88" in probe.received, probe  # its reply to our close frame
 
             # Without the bokeh subprotocol bokeh still upgrades, then closes at once.
-            assert websocket_probe(host, port, ws_path).status == 101
+            assert websocket_probe(host, port, ws_path, headers=owner).status == 101
         finally:
             cluster.shutdown()
     wait_until(
-        lambda: http_request(link).status == 404,
+        lambda: http_request(link, headers=owner).status == 404,
         10,
         "the dashboard route to be removed after shutdown",
     )

@@ -16,6 +16,7 @@ from dask_gateway import BasicAuth, Gateway
 from tests.e2e.harness import (
     BIN_DIR,
     GatewayUnderTest,
+    basic,
     default_config,
     free_port,
     http_request,
@@ -90,7 +91,8 @@ def test_s27_port_sharing(gw: GatewayUnderTest, shared_port: int) -> None:
                 assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
             finally:
                 client.close()
-            page = http_request(cluster.dashboard_link)
+            owner = {"Authorization": basic("alice")}  # dashboards are owner-only by default
+            page = http_request(cluster.dashboard_link, headers=owner)
             assert page.status == 200, page
         finally:
             cluster.shutdown()

@@ -9,6 +9,7 @@ from dask_gateway import BasicAuth, Gateway
 
 from tests.e2e.harness import (
     GatewayUnderTest,
+    basic,
     default_config,
     http_request,
     running_gateway,
@@ -49,7 +50,8 @@ def test_s26_prefix_deployment(gw: GatewayUnderTest) -> None:
                 assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
             finally:
                 client.close()
-            page = http_request(root + cluster.dashboard_link)
+            owner = {"Authorization": basic("alice")}  # dashboards are owner-only by default
+            page = http_request(root + cluster.dashboard_link, headers=owner)
             assert page.status == 200, page
             # Nothing is served outside the prefix.
             assert http_request(f"{root}/clusters/{name}/status").status == 404
