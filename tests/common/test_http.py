@@ -461,3 +461,16 @@ async def test_serving_a_memory_stream(nursery: trio.Nursery) -> None:
         assert json.loads(await response.read())["size"] == 10
         assert conn.reusable and conn.requests_sent == 2
     await conn.aclose()
+
+
+async def test_broken_request_body_closes_the_connection(nursery: trio.Nursery) -> None:
+    port = await start(nursery)
+    with trio.fail_after(5):
+        for body in (b"zz\r\n", b"5\r\nhelloXX"):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+            )
+            data = await _read_all(stream)  # the server closes: framing is lost
+            assert data.startswith(b"HTTP/1.1 400 ") and b"connection: close" in data.lower()
+            assert b"Malformed request body" in data

@@ -443,10 +443,15 @@ class _ServerConnection:
                     return None
                 return data
         except trio.TooSlowError:
+            self._keep_alive = False  # where the next request starts is unknown now
             raise GatewayError("Timed out reading the request body", status=408) from None
         except h11.RemoteProtocolError as exc:
+            self._keep_alive = False
+            self._body_done = True  # framing is lost: nothing more to read (or linger on)
             raise GatewayError(f"Malformed request body: {exc}", status=400) from None
         except _PeerGone:
+            self._keep_alive = False
+            self._body_done = True
             raise GatewayError(
                 "Connection closed while reading the request body", status=400
             ) from None
