@@ -474,3 +474,48 @@ async def test_broken_request_body_closes_the_connection(nursery: trio.Nursery) 
             data = await _read_all(stream)  # the server closes: framing is lost
             assert data.startswith(b"HTTP/1.1 400 ") and b"connection: close" in data.lower()
             assert b"Malformed request body" in data
+
+
+async def test_passthrough_forwards_exactly_the_upstream_body(nursery: trio.Nursery) -> None:
+    from dask_gateway_common.http import Passthrough
+
+    answers = {
+        # the upstream sends bytes past its body: they are not forwarded
+        "/extra": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA",
+        "/big": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG,
+        "/short": b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"s" * 1000,
+    }
+
+    async def upstream(stream: trio.abc.Stream) -> None:
+        buf = bytearray()
+        while (parsed := parse_request_head(buf)) is None:
+            buf += await stream.receive_some(4096)
+        await stream.send_all(answers[parsed[0].target.decode()])
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, upstream, 0)
+    upstream_port = listeners[0].socket.getsockname()[1]
+    ends: list[tuple[bool, bool]] = []
+
+    async def proxy(request: Request) -> Response:
+        conn = await open_http_connection("127.0.0.1", upstream_port)
+        response = await conn.request("GET", request.path)
+
+        async def on_end(complete: bool) -> None:
+            ends.append((complete, conn.reusable))
+            await conn.aclose()
+
+        body = Passthrough(response, on_end=on_end)
+        return Response(200, [("Content-Length", str(response.content_length))], body)
+
+    _host, port = await nursery.start(serve_http, proxy, "127.0.0.1", 0)
+    with trio.fail_after(10):
+        conn = await open_http_connection("127.0.0.1", port)
+        assert await (await conn.request("GET", "/extra")).read() == b"hello"
+        assert await (await conn.request("GET", "/big")).read() == BIG
+        response = await conn.request("GET", "/short")
+        with pytest.raises(trio.BrokenResourceError):
+            await response.read()  # the upstream broke off: the client is cut off too
+        await conn.aclose()
+    # complete twice; reusable only where nothing came past the body
+    assert ends == [(True, False), (True, True), (False, False)]

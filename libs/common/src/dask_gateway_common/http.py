@@ -898,8 +898,8 @@ class Passthrough:
         try:
             buffered = upstream._buf  # body bytes that came in with the head
             if buffered:
-                data = bytes(buffered)
-                buffered.clear()
+                data = bytes(buffered[: upstream._left])
+                del buffered[: len(data)]  # anything past the body stays (and is refused)
                 upstream._left -= len(data)
                 await wire.send_all(data, timeout)
                 if self.on_bytes is not None:
