@@ -96,7 +96,7 @@ __all__ = [
     "serve_http_stream",
 ]
 
-#: Bytes asked of the socket while reading message heads (and bodies h11 frames).
+#: Bytes asked of the socket while reading message heads (and chunked bodies).
 READ_CHUNK = 65536
 #: Bytes asked of the socket per read of a Content-Length body (the raw path).
 BODY_CHUNK = 256 * 1024
@@ -126,7 +126,7 @@ class Headers:
         self._lower = False  # whether every name is known to be lower-case already
 
     @classmethod
-    def _from_h11(cls, items: Iterable[tuple[bytes, bytes]]) -> Headers:
+    def _from_parsed(cls, items: Iterable[tuple[bytes, bytes]]) -> Headers:
         """From parsed (lower-cased) names and values."""
         headers = cls.__new__(cls)
         headers._items = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in items]
@@ -460,7 +460,7 @@ class _ServerConnection:
         request = Request(
             method=head.method.decode("ascii"),
             target=head.target.decode("ascii"),
-            headers=Headers._from_h11(head.headers),
+            headers=Headers._from_parsed(head.headers),
             client=self.client,
             http_version=head.http_version.decode("ascii"),
             scheme=self.scheme,
@@ -777,7 +777,7 @@ class ClientResponse:
         self._connection = connection
         self.status: int = head.status
         self.reason: str = head.reason.decode("latin-1")
-        self.headers = Headers._from_h11(head.headers)
+        self.headers = Headers._from_parsed(head.headers)
         self.http_version = head.http_version.decode("ascii", "replace")
         self.body: bytes = b""
         self.upgraded_stream: trio.abc.Stream | None = None
