@@ -524,3 +524,43 @@ async def test_bulk_lifts_trios_notsent_lowat(kind: str) -> None:
             assert a.socket.getsockopt(socket.IPPROTO_TCP, lowat) == 1 << 14
             await x.send_eof()
             await y.send_eof()
+
+
+@pytest.mark.parametrize("kind", ["copy", "auto", "splice"])
+async def test_a_blocked_bulk_direction_pauses_its_source(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the destination is full, a bulk direction stops taking IN edges from its
+    source (each would wake the engine for nothing); it resumes when the destination
+    drains, and a FIN that arrived meanwhile is still seen."""
+    import dask_gateway_common.engine as engine_module
+
+    pauses: list[str] = []
+    real_pause = engine_module._Direction._pause
+
+    def pause(self: engine_module._Direction) -> None:
+        pauses.append(self.name)
+        real_pause(self)
+
+    monkeypatch.setattr(engine_module._Direction, "_pause", pause)
+    with trio.fail_after(DEADLINE):
+        x, y, run_relay = await make_setup(kind)
+        assert isinstance(x, trio.SocketStream)
+        data = random.randbytes(24 << 20)
+        async with running(run_relay), x, y:
+            with trio.move_on_after(0.3):  # y does not read: the relay fills up and pauses
+                await x.send_all(data)
+            assert "up" in pauses
+            received = bytearray()
+
+            async def drain() -> None:
+                while chunk := await y.receive_some(1 << 20):
+                    received.extend(chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain)
+                await x.send_all(data)  # whatever was not sent yet, and all of it again
+                await x.send_eof()
+            assert len(received) >= len(data)
+            assert bytes(received[-len(data) :]) == data
+            await y.send_eof()

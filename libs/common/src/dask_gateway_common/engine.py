@@ -107,6 +107,7 @@ EV_READ: Final = _IN | _RDHUP | _HUP | _ERR
 EV_WRITE: Final = _OUT | _HUP | _ERR
 EV_HUP: Final = _RDHUP | _HUP | _ERR
 _EV_REGISTER: Final = _IN | _OUT | _RDHUP | _ET
+_EV_PAUSED: Final = _OUT | _RDHUP | _ET  # a bulk source while its destination is full
 
 
 def lift_notsent_lowat(sock: socket.socket) -> None:
@@ -151,13 +152,16 @@ class Handler:
 class Timer:
     """A pending ``Engine.call_later``; ``cancel()`` it from the engine thread."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "_engine")
 
-    def __init__(self, fn: Callable[[], None]) -> None:
+    def __init__(self, fn: Callable[[], None], engine: Engine) -> None:
         self.fn: Callable[[], None] | None = fn
+        self._engine = engine
 
     def cancel(self) -> None:
-        self.fn = None
+        if self.fn is not None:
+            self.fn = None
+            self._engine._timer_cancelled()
 
 
 # ---- relays ----------------------------------------------------------------------------------
@@ -183,10 +187,18 @@ class _Direction:
         "eof",
         "shut",
         "bulk",
+        "paused",
+        "modify",
     )
 
     def __init__(
-        self, src: socket.socket, dst: socket.socket, name: str, prefix: bytes, mode: int
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        name: str,
+        prefix: bytes,
+        mode: int,
+        modify: Callable[[int, int], None],
     ) -> None:
         self.src = src
         self.dst = dst
@@ -204,12 +216,16 @@ class _Direction:
         self.eof = False
         self.shut = False
         self.bulk = False
+        self.paused = False
+        self.modify = modify
 
     def pump(self, buf: bytearray, view: memoryview, on_bytes: OnBytes | None) -> bool:
         """Move up to _BURST chunks; True if there may be more to do right away."""
         for _ in range(_BURST):
             if self.pending is not None:
                 if not self.dst_ok:
+                    if self.bulk and not self.paused:
+                        self._pause()
                     return False
                 try:
                     sent = self.dst.send(self.pending)
@@ -220,6 +236,8 @@ class _Direction:
                 continue
             if self.in_pipe:
                 if not self.dst_ok:
+                    if not self.paused:
+                        self._pause()
                     return False
                 try:
                     self.in_pipe -= os.splice(  # type: ignore[attr-defined]
@@ -229,6 +247,8 @@ class _Direction:
                     self.dst_ok = False
                     return False
                 continue
+            if self.paused:
+                self._resume()
             if self.eof:
                 if not self.shut:
                     self.shut = True
@@ -277,6 +297,18 @@ class _Direction:
                 on_bytes(self.name, n)
         return True
 
+    def _pause(self) -> None:
+        # Stop IN edges from src while dst is full: each one would wake the loop for
+        # nothing (a bulk sender raises one per segment). OUT (src is the other
+        # direction's destination) and RDHUP stay.
+        self.paused = True
+        self.modify(self.src_fd, _EV_PAUSED)
+
+    def _resume(self) -> None:
+        self.paused = False
+        self.src_ready = True  # edges were off: look once (MOD also re-reports readiness)
+        self.modify(self.src_fd, _EV_REGISTER)
+
     def _go_bulk(self) -> None:
         self.bulk = True
         lift_notsent_lowat(self.dst)
@@ -321,8 +353,9 @@ class Relay(Handler):
         self.engine = engine
         self.fd_a = a.fileno()
         self.fd_b = b.fileno()
-        self.up = _Direction(a, b, "up", prefix_to_b, mode)
-        self.down = _Direction(b, a, "down", prefix_to_a, mode)
+        modify = engine.modify
+        self.up = _Direction(a, b, "up", prefix_to_b, mode, modify)
+        self.down = _Direction(b, a, "down", prefix_to_a, mode, modify)
         self.on_bytes = on_bytes
         self.on_done = on_done
         self.done = False
@@ -384,6 +417,7 @@ class Engine:
         self._handlers: dict[int, Handler] = {}
         self._again: list[Handler] = []
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0  # cancelled timers still in the heap
         self._seq = itertools.count()
         self._epoll = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # type: ignore[attr-defined]
@@ -406,15 +440,16 @@ class Engine:
             raise error
         fail(error)
 
-    def in_engine_thread(self) -> bool:
-        return threading.current_thread() is self._thread
-
     # -- engine thread only -----------------------------------------------------------------
     def watch(self, fd: int, handler: Handler) -> None:
         """Register ``fd`` (IN|OUT|RDHUP, edge-triggered) for ``handler``. A socket that is
         already writable (any connected one) reports an event right away."""
         self._epoll.register(fd, _EV_REGISTER)
         self._handlers[fd] = handler
+
+    def modify(self, fd: int, mask: int) -> None:
+        """Change the event mask of a watched fd (stays edge-triggered if ``mask`` is)."""
+        self._epoll.modify(fd, mask)
 
     def rebind(self, fd: int, handler: Handler) -> None:
         """Route the events of an already watched ``fd`` to ``handler``."""
@@ -438,9 +473,18 @@ class Engine:
         self._again.append(handler)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
-        timer = Timer(fn)
+        timer = Timer(fn, self)
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), timer))
         return timer
+
+    def _timer_cancelled(self) -> None:
+        # Cancelled timers stay in the heap until due (a hello deadline is 10 s, and most
+        # are cancelled within a millisecond): drop them once they are the majority.
+        self._cancelled += 1
+        if self._cancelled > 1024 and 2 * self._cancelled > len(self._timers):
+            self._timers[:] = [entry for entry in self._timers if entry[2].fn is not None]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     def start_relay(
         self,
@@ -556,8 +600,12 @@ class Engine:
     def _run_timers(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            fn = heapq.heappop(timers)[2].fn
-            if fn is not None:
+            timer = heapq.heappop(timers)[2]
+            fn = timer.fn
+            if fn is None:
+                self._cancelled -= 1
+            else:
+                timer.fn = None
                 try:
                     fn()
                 except Exception:  # a timer's owner handles its own errors: this is a bug
