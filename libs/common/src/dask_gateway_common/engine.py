@@ -498,14 +498,17 @@ class Engine:
         mode: int = MODE_AUTO,
         a_hup: bool = False,
         b_hup: bool = False,
+        a_ready: bool = True,
     ) -> Relay:
         """Relay between two connected, non-blocking sockets (watched already or not).
 
         ``a_hup`` / ``b_hup``: an event already reported RDHUP/HUP/ERR on that socket to its
-        previous handler (such an edge is not raised again).
+        previous handler (such an edge is not raised again). ``a_ready=False``: the caller
+        knows a is drained and saw no IN edge since, so the relay skips its first read.
         """
         relay = Relay(self, a, b, prefix_to_b, prefix_to_a, on_bytes, mode, on_done)
         relay.up.src_hup = a_hup
+        relay.up.src_ready = a_ready or a_hup
         relay.down.src_hup = b_hup
         try:
             for fd in (relay.fd_a, relay.fd_b):

@@ -24,7 +24,8 @@ Rules that keep it correct with edge-triggered events:
 * The client socket is watched from accept on, and the backend from its ``connect``; on
   hand-over both are rebound to the engine's ``Relay`` without touching epoll. Edges seen
   before the hand-over are not replayed, so the relay starts optimistic (it tries to read
-  both sides once) and inherits any RDHUP/HUP seen earlier (``a_hup``/``b_hup``).
+  the backend once), inherits any RDHUP/HUP seen earlier (``a_hup``/``b_hup``), and reads
+  the client first only if its last hello read filled the buffer or an IN edge came since.
 * The hello is read until the parser decides and no further, so bytes (or a FIN) behind
   it stay in the socket for the relay.
 * Route lookups read the ``RouteTable`` from this thread. A hit is always a complete route;
@@ -49,6 +50,7 @@ import trio
 
 from dask_gateway_common.engine import (
     EV_HUP,
+    EV_READ,
     EV_WRITE,
     Engine,
     EngineCrashed,
@@ -308,6 +310,7 @@ class _Conn(Handler):
         "addrs",
         "error",
         "client_hup",
+        "client_more",
         "drained",
         "relay",
     )
@@ -327,6 +330,7 @@ class _Conn(Handler):
         self.addrs: list[AddrInfo] = []
         self.error: BaseException | None = None
         self.client_hup = False
+        self.client_more = False  # the client may have sent more than we read
         self.drained = 0
         self.relay: Relay | None = None
 
@@ -335,6 +339,8 @@ class _Conn(Handler):
         if fd == self.cfd:
             if events & EV_HUP:
                 self.client_hup = True
+            if events & EV_READ:
+                self.client_more = True
             if self.state == _HELLO:
                 self._read_hello()
             elif self.state == _ALERTING:
@@ -370,6 +376,7 @@ class _Conn(Handler):
             if not data:
                 self.fail("eof")
                 return
+            self.client_more = len(data) == self.want  # a short read drained the socket
             self.buf += data
             try:
                 result = parse_client_hello(self.buf, server.max_hello_bytes)
@@ -483,6 +490,7 @@ class _Conn(Handler):
             on_bytes=server.on_bytes,
             a_hup=self.client_hup,
             b_hup=bool(events & EV_HUP),
+            a_ready=self.client_more,
         )
 
     def _connect_timed_out(self) -> None:
