@@ -31,32 +31,31 @@ algorithm as two trio tasks on the raw sockets: try ``recv_into`` first and only
 ``wait_readable`` on EAGAIN, ``send`` and only ``wait_writable`` on a partial send, one shared
 buffer per trio run, a checkpoint every ``_BURST`` chunks.
 
-Measurements (``bench/relay_micro.py``, loopback, on a 2-core VM shared with other jobs at
-load 3-9, so single figures move ±30%; medians of 3; proxy CPU summed over its threads):
+Measurements (``bench/relay_micro.py --bulk-mib 512 --conns 1 200 1000 --repeat 3``,
+plain TCP on loopback, 2-core VM at load 1-2 (quiet for once); medians of 3; proxy CPU
+summed over its threads):
 
 ========================  ====================  =====================================
 path                      bulk TCP, CPU s/GiB   64-byte round trips, CPU µs/request
                           (up / down)           1 conn.   200 conns.   1000 conns.
 ========================  ====================  =====================================
-generic ``relay()``       1.23 / 1.22           111       103          120
-trio tasks, copy          0.63 / 0.52           57        47           65
-trio tasks, splice        0.48 / 0.45           79        53           65
-engine, copy              0.58 / 0.54           71        23           29
-engine, auto (default)    0.57 / 0.45           47        27           28
-engine, splice            0.55 / 0.51           47        35           36
+generic ``relay()``       1.39 / 1.24           161       85           143
+trio tasks, copy          0.75 / 0.63           168       68           92
+trio tasks, splice        0.43 / 0.38           161       62           86
+engine, copy              0.63 / 0.73           77        23           28
+engine, auto (default)    0.40 / 0.42           74        22           28
+engine, splice            0.32 / 0.39           80        29           42
 ========================  ====================  =====================================
 
 * Bulk CPU is ~90% kernel time (the loopback TCP path, which every proxy pays); user time
-  is 0.00-0.06 s/GiB on every fast path against ~0.6 for the generic relay. With TLS end
-  to end (512 MiB each way) the proxied throughput matched direct (the endpoints' crypto is
-  the bottleneck on 2 cores) and the proxy spent 0.59-0.66 s/GiB with auto (user 0.02-0.04)
-  against 0.75-0.77 with copy (user 0.12-0.14) and 1.4 with the generic relay: hence
-  splice for bulk, chosen adaptively.
-* Small messages: the engine halves the CPU per request against trio tasks from 200
-  connections on (events batch in one ``epoll_wait``); with a single connection each
-  message is a thread wake-up, so the gain is smaller.
-* RSS with 1000 open connections: engine 34 MiB, trio tasks 41 MiB, generic 46 MiB
-  (28.7 MiB idle).
+  is 0.00-0.04 s/GiB on every splice path against ~0.5 for the generic relay. Through the
+  scheduler proxy with TLS end to end (bench/proxies.py) the engine spends 0.27-0.32 s/GiB
+  either way, upstream's Go proxy 0.43-0.82.
+* Small messages: the engine needs a third of the CPU per request of trio tasks from 200
+  connections on (events batch in one ``epoll_wait``, no ``epoll_ctl`` per message), and
+  half with a single connection (each message is one thread wake-up).
+* RSS with 1000 open connections: engine 35.6 MiB, trio tasks 41.5 MiB, generic 45 MiB
+  (28.5 MiB idle).
 """
 
 from __future__ import annotations
