@@ -137,7 +137,8 @@ async def test_engine_crash_fails_the_server_and_closes_connections(
             assert await read_until_eof(established) == b""  # closed by the crash
             assert await read_until_eof(slow) == b""
             await eventually(lambda: bool(failed))
-            assert "engine crashed" in str(failed[0])
+            assert "relay engine stopped" in str(failed[0])
+            assert isinstance(failed[0].__cause__, engine_module.EngineCrashed)
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", port)
             monkeypatch.undo()

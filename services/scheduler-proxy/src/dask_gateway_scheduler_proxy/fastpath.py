@@ -62,6 +62,7 @@ from dask_gateway_common.metrics import ProxyMetrics
 from dask_gateway_common.routes import RouteTable
 from dask_gateway_common.sni import (
     INTERNAL_ERROR,
+    UNRECOGNIZED_NAME,
     ClientHello,
     ClientHelloError,
     NeedData,
@@ -178,10 +179,11 @@ class EngineServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.engine.watch(conn.cfd, conn)  # writable at once: the hello is read next turn
+            conn.timer = self.engine.call_later(self.hello_timeout, conn.hello_timed_out)
         except OSError as exc:
             conn.fail("reset", "Cannot set up an accepted connection: %s", exc)
-            return
-        conn.timer = self.engine.call_later(self.hello_timeout, conn.hello_timed_out)
+        except Exception as exc:
+            conn.abort(exc)
 
     def closed(self, conn: _Conn) -> None:
         self.conns.discard(conn)
@@ -277,7 +279,11 @@ class _Listener(Handler):
                     server.engine.call_later(_ACCEPT_BACKOFF, self.step)
                     return
                 continue  # that one connection failed (e.g. ECONNABORTED)
-            server.accepted(sock)
+            try:
+                server.accepted(sock)
+            except Exception as exc:  # a bug: lose this connection, not the listener
+                server.internal_error("Unexpected error while accepting a connection", exc)
+                sock.close()
         server.engine.again(self)  # there may be more: after the others had a turn
 
     def close(self) -> None:
@@ -579,7 +585,7 @@ class _Conn(Handler):
         self.server.closed(self)
 
 
-_ALERTS: Final = {code: tls_alert(code) for code in (INTERNAL_ERROR,)}
+_ALERTS: Final = {code: tls_alert(code) for code in (INTERNAL_ERROR, UNRECOGNIZED_NAME)}
 
 
 # ---- the trio side -----------------------------------------------------------------------------
@@ -637,7 +643,7 @@ async def serve_in_engine(
 
     When cancelled: stop accepting, then, with ``handler_nursery``, let the open
     connections finish in a task of that nursery (closing them when it is cancelled),
-    else close them at once. Raises RuntimeError if the engine crashes.
+    else close them at once. Raises RuntimeError if the engine crashes under it.
     """
     engine = get_engine()
     async with trio.open_nursery() as helpers:
@@ -669,7 +675,7 @@ async def serve_in_engine(
             else:
                 handler_nursery.start_soon(_drain, engine, server)
             helpers.cancel_scope.cancel()
-    raise RuntimeError("the relay engine crashed") from server.crash
+    raise RuntimeError("the relay engine stopped serving the listener") from server.crash
 
 
 async def _drain(engine: Engine, server: EngineServer) -> None:
