@@ -56,6 +56,7 @@ from dask_gateway_common.engine import (
     EngineCrashed,
     Handler,
     Relay,
+    Timer,
     get_engine,
 )
 from dask_gateway_common.metrics import ProxyMetrics
@@ -330,7 +331,7 @@ class _Conn(Handler):
         self.state = _HELLO
         self.buf = b""
         self.want = HELLO_READ_SIZE
-        self.timer: object | None = None
+        self.timer: Timer | None = None
         self.tls = False
         self.action: Forward | None = None
         self.addrs: list[AddrInfo] = []
@@ -488,6 +489,7 @@ class _Conn(Handler):
         self._cancel_timer()
         self.state = _RELAYING
         server = self.server
+        server.on_bytes("up", len(self.buf))  # the hello (and anything behind it), replayed
         self.relay = server.engine.start_relay(
             self.client,
             self.backend,
@@ -571,7 +573,7 @@ class _Conn(Handler):
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
-            self.timer.cancel()  # type: ignore[attr-defined]
+            self.timer.cancel()
             self.timer = None
 
     def _close(self) -> None:

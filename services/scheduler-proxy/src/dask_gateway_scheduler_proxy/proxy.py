@@ -134,6 +134,7 @@ class SchedulerProxy:
             if isinstance(result, ClientHello):
                 await _send_alert_and_close(sock, INTERNAL_ERROR)
             return
+        self._on_bytes("up", len(buf))  # the hello (and anything behind it), replayed
         await relay_sockets(sock, backend, prefix_to_b=buf, on_bytes=self._on_bytes)
 
     async def _read_hello(
