@@ -559,6 +559,9 @@ class Engine:
         timers = self._timers
         monotonic = time.monotonic
         while True:
+            while timers and timers[0][2].fn is None:  # cancelled: no need to wake for it
+                heapq.heappop(timers)
+                self._cancelled -= 1
             if self._again:
                 timeout = 0.0
             elif timers:
