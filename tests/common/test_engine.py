@@ -172,3 +172,21 @@ async def test_a_dead_engine_fails_calls_at_once(monkeypatch: pytest.MonkeyPatch
     monkeypatch.undo()
     assert get_engine() is not engine  # a new one takes over
     run_in(get_engine(), lambda: None)
+
+
+def test_cancelled_timers_do_not_keep_the_loop_waking(engine: Engine) -> None:
+    """Cancelled timers at the head of the heap are dropped before the next wait, so
+    the loop does not wait with a timeout (or wake up) for them."""
+    mine: list[object] = []
+
+    def schedule() -> None:
+        for _ in range(10):
+            timer = engine.call_later(3600, lambda: None)
+            timer.cancel()
+            mine.append(timer)
+
+    run_in(engine, schedule)
+    run_in(engine, lambda: None)  # one more loop turn
+    left = run_in(engine, lambda: [entry[2] for entry in engine._timers])
+    assert isinstance(left, list)
+    assert not any(timer in left for timer in mine)
