@@ -79,7 +79,7 @@ __all__ = [
     "get_engine",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dask_gateway.engine")
 
 OnBytes = Callable[[str, int], None]
 OnDone = Callable[[BaseException | None], None]
