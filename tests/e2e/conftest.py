@@ -6,48 +6,26 @@
 
 from __future__ import annotations
 
-import gc
 import warnings
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import ACTIVE, TEST_DEADLINE, time_limit
+from tests.e2e.harness import ACTIVE, TEST_DEADLINE, attach_service_logs, client_test_guard
 
 
 @pytest.fixture(autouse=True)
 def _test_deadline(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Run the test under its deadline, with cyclic GC only on the main thread.
-
-    The official client deadlocks if a ``Gateway`` it leaked (e.g. the one inside a
-    ``GatewayCluster`` whose start failed) is finalized on the shared client loop thread:
-    ``Gateway.__del__`` -> ``close()`` -> ``sync()`` waits on that very loop. Automatic
-    collection is therefore off during a test and garbage is collected here, on the main
-    thread, where ``close()`` works.
-    """
-    gc.collect()
-    gc.disable()
-    try:
-        with time_limit(TEST_DEADLINE, f"test {request.node.name}"):
-            yield
-    finally:
-        try:
-            with time_limit(30, "collecting the test's client objects"):
-                gc.collect()
-        finally:
-            gc.enable()
+    """Run the test under its deadline, with cyclic GC only on the main thread (see
+    :func:`~tests.e2e.harness.client_test_guard` for why)."""
+    with client_test_guard(request.node.name, TEST_DEADLINE):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for local in ACTIVE:
-            for name in ("api", "web-proxy", "scheduler-proxy"):
-                report.sections.append(
-                    (f"{local.workdir.name}: {name} log (tail)", local.log_tail(name, 60))
-                )
+    attach_service_logs(outcome.get_result(), ACTIVE, 60)
 
 
 #: The official client's ``Gateway.__del__`` calls ``close()`` again after an explicit

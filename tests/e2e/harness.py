@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import hashlib
 import http.client
 import json
@@ -86,6 +87,41 @@ def _on_alarm(signum: int, frame: object) -> None:
     expired = [what for deadline, what in _LIMITS if deadline <= now]
     if expired:
         raise DeadlineExceeded(f"deadline exceeded: {expired[0]}")
+
+
+@contextlib.contextmanager
+def client_test_guard(name: str, deadline: float) -> Iterator[None]:
+    """Run a synchronous official-client test under ``deadline``, with cyclic GC only on
+    the main thread.
+
+    The official client deadlocks if a ``Gateway`` it leaked (e.g. the one inside a
+    ``GatewayCluster`` whose start failed) is finalized on the shared client loop thread:
+    ``Gateway.__del__`` -> ``close()`` -> ``sync()`` waits on that very loop. Automatic
+    collection is therefore off during the test and garbage is collected afterwards, on the
+    main thread, where ``close()`` works.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        with time_limit(deadline, f"test {name}"):
+            yield
+    finally:
+        try:
+            with time_limit(30, "collecting the test's client objects"):
+                gc.collect()
+        finally:
+            gc.enable()
+
+
+def attach_service_logs(report: pytest.TestReport, gateways: Any, lines: int) -> None:
+    """Add the tail of every running gateway's three service logs to a failed report."""
+    if not report.failed:
+        return
+    for local in gateways:
+        for name in ("api", "web-proxy", "scheduler-proxy"):
+            report.sections.append(
+                (f"{local.workdir.name}: {name} log (tail)", local.log_tail(name, lines))
+            )
 
 
 @contextlib.contextmanager

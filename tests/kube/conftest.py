@@ -8,14 +8,13 @@
 
 from __future__ import annotations
 
-import gc
 import inspect
 import warnings
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import time_limit
+from tests.e2e.harness import attach_service_logs, client_test_guard
 from tests.kube.harness import ACTIVE, TEST_DEADLINE
 
 
@@ -24,29 +23,14 @@ def _test_deadline(request: pytest.FixtureRequest) -> Iterator[None]:
     if inspect.iscoroutinefunction(request.function):
         yield
         return
-    gc.collect()
-    gc.disable()
-    try:
-        with time_limit(TEST_DEADLINE, f"test {request.node.name}"):
-            yield
-    finally:
-        try:
-            with time_limit(30, "collecting the test's client objects"):
-                gc.collect()
-        finally:
-            gc.enable()
+    with client_test_guard(request.node.name, TEST_DEADLINE):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for local in ACTIVE:
-            for name in ("api", "web-proxy", "scheduler-proxy"):
-                report.sections.append(
-                    (f"{local.workdir.name}: {name} log (tail)", local.log_tail(name, 80))
-                )
+    attach_service_logs(outcome.get_result(), ACTIVE, 80)
 
 
 def pytest_configure(config: pytest.Config) -> None:
