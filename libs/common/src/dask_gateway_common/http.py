@@ -104,6 +104,20 @@ BODY_CHUNK = 256 * 1024
 _COALESCE_MAX = 64 * 1024
 
 
+async def _read_length_framed(buf: bytearray, wire: Wire, left: int, timeout: float) -> bytes:
+    """Up to ``left`` bytes of a Content-Length body: what ``buf`` already holds first,
+    else straight from the socket, never past the end of the body. ``b""`` = peer gone."""
+    if buf:
+        if len(buf) <= left:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:left])
+            del buf[:left]
+        return data
+    return await wire.receive(min(left, BODY_CHUNK), timeout)
+
+
 @dataclass(frozen=True)
 class HTTPLimits:
     """Everything an HTTP peer controls is bounded by one of these."""
@@ -413,18 +427,9 @@ class _ServerConnection:
         try:
             if self._framing == "length":
                 left = self._left
-                if buf:
-                    if len(buf) <= left:
-                        data = bytes(buf)
-                        buf.clear()
-                    else:
-                        data = bytes(buf[:left])
-                        del buf[:left]
-                else:
-                    # Straight from the socket, never past the end of the body.
-                    data = await self.wire.receive(min(left, BODY_CHUNK), timeout)
-                    if not data:
-                        raise _PeerGone
+                data = await _read_length_framed(buf, self.wire, left, timeout)
+                if not data:
+                    raise _PeerGone
                 self._left = left = left - len(data)
                 self._body_done = left == 0
                 return data
@@ -1129,19 +1134,10 @@ class HTTPConnection:
             if not left:
                 self._response_done()
                 return None
-            if buf:
-                if len(buf) <= left:
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:left])
-                    del buf[:left]
-            else:
-                # Straight from the socket, never past the end of the body.
-                data = await self._wire.receive(min(left, BODY_CHUNK), timeout)
-                if not data:
-                    self._state = _CLOSED
-                    raise trio.BrokenResourceError("Connection ended mid-body")
+            data = await _read_length_framed(buf, self._wire, left, timeout)
+            if not data:
+                self._state = _CLOSED
+                raise trio.BrokenResourceError("Connection ended mid-body")
             self._left = left - len(data)
             return data
         if framing == "chunked":
