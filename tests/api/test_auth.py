@@ -16,23 +16,8 @@ from dask_gateway_api.auth import (
     token_required,
 )
 from dask_gateway_common.errors import GatewayError
-from dask_gateway_common.http import Headers, Request, Response
-
-
-def make_request(*headers: tuple[str, str]) -> Request:
-    async def no_body() -> bytes | None:
-        return None
-
-    return Request(
-        method="GET",
-        target="/api/v1/clusters/",
-        headers=Headers(headers),
-        client=None,
-        http_version="1.1",
-        scheme="http",
-        receive_body=no_body,
-        max_body_bytes=1024,
-    )
+from dask_gateway_common.http import Request, Response
+from tests.auth.fakes import make_request
 
 
 def basic(user: str, password: str) -> tuple[str, str]:
